@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import struct
 import subprocess
 import sys
@@ -25,7 +26,11 @@ if not torch.cuda.is_available():  # must be set before triton.jit runs, i.e. be
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import torch.nn.functional as F  # noqa: E402
+
 import lawcat as L  # noqa: E402
+import sample as S  # noqa: E402
+from kernel import chunked_torch, lawcat_attention, lawcat_step, naive_lawcat  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -758,3 +763,303 @@ def test_bad_tokenizer_files(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"model": {"type": "Unigram", "vocab": []}}')
     raises(lambda: L.tokenizer_from_hf_json(tmp_path / "tokenizer.json"), "tokenizer.json", "Unigram")
     raises(lambda: L.tokenizer_from_gguf({"tokenizer.ggml.model": "llama"}), "'llama'")
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel.py: the chunked kernels (Triton under TRITON_INTERPRET=1 on CPU, and the plain-torch path)
+# against the float64 token-by-token recurrence
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["triton", "torch"]
+
+
+def make(B, T, H, K, V, extreme=0.02, dtype=torch.float32, smax=100.):
+    """q, k non-negative (softmax features); g = logsigmoid(x * s)/16 with s from 0.1 to smax across heads (decays
+    from ~1 to ~0.05 per step), plus a fraction `extreme` of very negative g (down to -200 per step).
+    Mild gates (smax=3, extreme=0) keep the kernels on their two-product path, wild ones force the level path."""
+    q = torch.randn(B, T, H, K).softmax(-1)
+    k = torch.rand(B, T, H, K)
+    v = torch.randn(B, T, H, V)
+    s = torch.logspace(-1, math.log10(smax), H)[:, None]
+    g = F.logsigmoid(torch.randn(B, T, H, K) * s) / 16
+    g = torch.where(torch.rand_like(g) < extreme, -200 * torch.rand_like(g), g)
+    state = (torch.randn(B, H, K, V), torch.rand(B, H, K))
+    return [x.to(DEV, dtype) for x in (q, k, v, g)], tuple(x.to(DEV) for x in state)
+
+
+def run_with_grads(fn, xs, state, do, dS, dz):
+    xs = [x.detach().clone().requires_grad_() for x in xs + list(state)]
+    o, (S, z) = fn(*xs[:4], tuple(xs[4:]))
+    ((o.double() * do).sum() + (S.double() * dS).sum() + (z.double() * dz).sum()).backward()
+    return [o, S, z] + [x.grad for x in xs]
+
+
+NAMES = ["o", "S", "z", "dq", "dk", "dv", "dg", "dS0", "dz0"]
+
+
+@pytest.mark.parametrize("gates", ["mild", "wild"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T,K,normalize", [(1, 16, True), (15, 64, True), (64, 16, True), (65, 64, True),
+                                           (200, 16, True), (200, 64, True), (65, 16, False), (200, 64, False)])
+def test_kernel_matches_recurrence(backend, T, K, normalize, gates):
+    torch.manual_seed(T * 1000 + K + normalize)
+    B, H, V = 1, 2, K
+    xs, state = make(B, T, H, K, V, **(dict(extreme=0., smax=3.) if gates == "mild" else {}))
+    do, dS, dz = (torch.randn(*s, dtype=torch.float64, device=DEV) for s in ((B, T, H, V), (B, H, K, V), (B, H, K)))
+    ref = run_with_grads(lambda *a: naive_lawcat(*a, normalize=normalize),
+                         [x.double() for x in xs], tuple(x.double() for x in state), do, dS, dz)
+    out = run_with_grads(lambda *a: lawcat_attention(*a, normalize=normalize, backend=backend), xs, state, do, dS, dz)
+    for name, a, r in zip(NAMES, out, ref):
+        assert a.shape == r.shape and torch.isfinite(a).all(), name
+        assert rel_err(a, r) <= 5e-3, (name, rel_err(a, r))
+    assert out[0].dtype == torch.float32 and out[1].dtype == torch.float32
+
+
+@pytest.mark.parametrize("gates", ["mild", "wild"])
+def test_kernel_small_launch_tiles(monkeypatch, gates):
+    """Several key slices per chunk and several scan programs per head (the defaults use one slice at K=64)."""
+    import kernel
+    monkeypatch.setitem(kernel.CFG, "scan_rows", 16)
+    monkeypatch.setitem(kernel.CFG, "slice", 16)
+    torch.manual_seed(7)
+    B, T, H, K, V = 1, 100, 1, 64, 32
+    xs, state = make(B, T, H, K, V, **(dict(extreme=0., smax=3.) if gates == "mild" else {}))
+    do, dS, dz = (torch.randn(*s, dtype=torch.float64, device=DEV) for s in ((B, T, H, V), (B, H, K, V), (B, H, K)))
+    ref = run_with_grads(naive_lawcat, [x.double() for x in xs], tuple(x.double() for x in state), do, dS, dz)
+    out = run_with_grads(lambda *a: lawcat_attention(*a, backend="triton"), xs, state, do, dS, dz)
+    for name, a, r in zip(NAMES, out, ref):
+        assert rel_err(a, r) <= 5e-3, (name, rel_err(a, r))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_extreme_decays_stay_finite(backend):
+    """Per-step log-decays of -1e4 (far past exp's range when multiplied out) must not produce inf/NaN."""
+    torch.manual_seed(1)
+    xs, state = make(1, 130, 2, 16, 16, extreme=0.0)
+    xs[3] = torch.where(torch.rand_like(xs[3]) < 0.3, torch.full_like(xs[3], -1e4), xs[3])
+    ref, _ = naive_lawcat(*[x.double() for x in xs], tuple(x.double() for x in state))
+    xs = [x.requires_grad_() for x in xs]
+    o, _ = lawcat_attention(*xs, state, backend=backend)
+    o.sum().backward()
+    assert all(torch.isfinite(t).all() for t in [o] + [x.grad for x in xs])
+    assert rel_err(o, ref) <= 5e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_prefill_then_decode_equals_one_call(backend):
+    torch.manual_seed(2)
+    (q, k, v, g), state = make(2, 90, 2, 32, 16)
+    o_all, (S_all, z_all) = lawcat_attention(q, k, v, g, state, backend=backend)
+    P = 71
+    o_pre, st = lawcat_attention(q[:, :P], k[:, :P], v[:, :P], g[:, :P], state, backend=backend)
+    outs = [o_pre]
+    for t in range(P, 90):
+        o_t, st = lawcat_step(q[:, t], k[:, t], v[:, t], g[:, t], st)
+        outs.append(o_t[:, None])
+    assert rel_err(torch.cat(outs, 1), o_all) <= 1e-4
+    assert rel_err(st[0], S_all) <= 1e-4 and rel_err(st[1], z_all) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_two_prefills_equal_one(backend):
+    torch.manual_seed(3)
+    (q, k, v, g), _ = make(1, 150, 2, 16, 32)
+    o_all, (S_all, z_all) = lawcat_attention(q, k, v, g, None, normalize=False, backend=backend)
+    o1, st = lawcat_attention(q[:, :50], k[:, :50], v[:, :50], g[:, :50], None, normalize=False, backend=backend)
+    o2, (S2, z2) = lawcat_attention(q[:, 50:], k[:, 50:], v[:, 50:], g[:, 50:], st, normalize=False, backend=backend)
+    assert rel_err(torch.cat([o1, o2], 1), o_all) <= 1e-4
+    assert rel_err(S2, S_all) <= 1e-4 and rel_err(z2, z_all) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernel_bf16_inputs_give_bf16_output_fp32_state(backend):
+    torch.manual_seed(4)
+    xs, state = make(1, 70, 2, 16, 16, dtype=torch.bfloat16)
+    o, (S, z) = lawcat_attention(*xs, state, backend=backend)
+    ref, (rS, rz) = naive_lawcat(*[x.double() for x in xs], tuple(x.double() for x in state))
+    assert o.dtype == torch.bfloat16 and S.dtype == torch.float32 and z.dtype == torch.float32
+    assert rel_err(o, ref) <= 1e-2 and rel_err(S, rS) <= 1e-2 and rel_err(z, rz) <= 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: long sequence on the compiled kernels")
+def test_kernel_long_sequence_gpu():
+    torch.manual_seed(5)
+    xs, state = make(1, 16384, 4, 64, 64, extreme=0.001, dtype=torch.bfloat16)
+    o, (S, z) = lawcat_attention(*xs, state)
+    ro, (rS, rz) = chunked_torch(*[x.double() for x in xs], tuple(x.double() for x in state))
+    assert rel_err(o, ro) <= 1e-2 and rel_err(S, rS) <= 1e-2 and rel_err(z, rz) <= 1e-2
+
+
+# ----------------------------------------------------------------------------------------------
+# sample.py: prompt builders, scoring, JSON, generation, bench
+
+class ByteTok:
+    """Stand-in tokenizer: one token per UTF-8 byte, 256 = end of text."""
+    n_vocab, stop_ids, bos_id, eos_id = 257, [256], None, 256
+
+    def encode(self, text, bos=None, eos=False):
+        return list(text.encode())
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+
+def tiny_model(vocab, student=False, max_seq_len=4096):
+    torch.manual_seed(0)
+    cfg = L.Config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=vocab,
+                   max_seq_len=max_seq_len)
+    model = L.Llama(cfg).eval()
+    for p in model.parameters():  # small weights: near-uniform logits, so sampling varies with the seed
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, 0, 0.02)
+    if student:
+        if importlib.util.find_spec("kernel") is None:
+            pytest.skip("needs kernel.py")
+        L.convert_to_lawcat(model, verbose=False)
+    return model
+
+
+def find(ids, sub):
+    return next(i for i in range(len(ids) - len(sub) + 1) if ids[i:i + len(sub)] == sub)
+
+
+@pytest.mark.parametrize("subtask", ["passkey", "niah1", "niah2", "niah3"])
+def test_needle_builders_hit_length_and_depth(smol_tok, subtask):
+    tok = smol_tok
+    for length in (1024, 4096):
+        for depth in ("0.1", "0.5", "0.9"):
+            ids, key = S.make_case(subtask, tok, length, depth, 0)
+            slack = 24 if subtask in ("passkey", "niah1") else 64  # one filler unit / one prose sentence
+            assert length - slack <= len(ids) <= length, (length, len(ids))
+            text = tok.decode(ids)
+            if subtask == "passkey":
+                needle = S.NEEDLE.format(key=key)
+            else:
+                word = re.search(r"magic \w+ for (\w+) mentioned", text).group(1)
+                needle = S.NEEDLE_NIAH.format(kind="uuid" if subtask == "niah3" else "number", word=word, key=key)
+            assert text.count(needle) == 1
+            lead = "\n" if subtask == "passkey" else " "  # the needle's first token carries what precedes it
+            pos = find(ids, tok.encode(lead + needle)) + (lead == "\n")
+            assert abs(pos / len(ids) - float(depth)) < 0.06, (subtask, length, depth, pos / len(ids))
+            assert text.endswith(" is")
+
+
+def test_passkey_lengths_match_the_teacher_baseline(smol_tok):
+    """The exact prompt lengths of the teacher's passkey runs in shared/notes/teacher_passkey.md."""
+    lengths = [len(S.build_passkey(smol_tok, n, 0.5, "12345")) for n in (512, 1024, 2048, 4096, 8192)]
+    assert lengths == [500, 1004, 2036, 4076, 8180]
+
+
+def simulate(facts, obj):
+    """Independent bAbI solver: the object's successive locations from the facts."""
+    where, holder, trail = {}, None, []
+    for f in facts:
+        p, rest = f.split(" ", 1)
+        m = re.match(r"(went to|journeyed to|travelled to|moved to) the (\w+)\.", rest)
+        if m:
+            where[p] = m.group(2)
+        elif rest.endswith(f" the {obj}."):
+            holder = p if rest.split(" the ")[0] in S.GET else None
+        if holder and trail[-1:] != [where[holder]]:
+            trail.append(where[holder])
+    return trail
+
+
+@pytest.mark.parametrize("subtask", ["qa2", "qa3"])
+def test_babilong_builder_facts_in_order_and_answer_recoverable(smol_tok, subtask):
+    tok = smol_tok
+    for length in (0, 1024, 4096):
+        for trial in range(4):
+            ids, answer = S.make_case(subtask, tok, length, "all", trial)
+            assert S.make_case(subtask, tok, length, "all", trial) == (ids, answer)  # seeded, reproducible
+            assert length == 0 and len(ids) < 300 or length - 64 <= len(ids) <= length
+            text = tok.decode(ids)
+            context, question = text.split("\nContext: ")[1].split("\nQuestion: ")
+            facts = [s + "." for s in re.findall(r"(?:Mary|John|Daniel|Sandra) [a-z ]+ the \w+(?=\.)", context)]
+            obj = re.search(r"the (\w+)(?: before|\?)", question).group(1)
+            trail = simulate(facts, obj)
+            assert answer == (trail[-1] if subtask == "qa2" else trail[-2])
+            assert text.endswith(" the")
+
+
+def test_scoring_is_exact():
+    assert S.score(" 12345. Remember it.", "12345") == 1
+    assert S.score("12345", "12345") == 1 and S.score(" 12345\nThe grass", "12345") == 1
+    assert S.score(" 12346.", "12345") == 0 and S.score(" 123456", "12345") == 0 and S.score(" 1234", "12345") == 0
+    assert S.score(" the pass key.", "12345") == 0 and S.score("", "12345") == 0
+    assert S.score(" Office.", "office") == 1 and S.score(" the office", "office") == 0
+
+
+def test_evaluate_json_shape_and_teacher_limit(tmp_path):
+    tok, model = ByteTok(), tiny_model(257, student=True, max_seq_len=300)
+    runners = [("student", model, S.contextlib.nullcontext), ("teacher", model, S.teacher_mode)]
+    res = S.evaluate("passkey", runners, tok, [256, 512], [0.1, 0.9], 2, "cpu")
+    assert model.is_student and L.Linear.lora_on  # modes restored
+    assert res["lengths"] == [256, 512] and res["depths"] == ["0.1", "0.9"] and res["trials"] == 2
+    for name in ("student", "teacher"):
+        rows = res["results"][name]["passkey"]
+        assert set(rows) == {"256", "512"} and all(set(r) == {"0.1", "0.9"} for r in rows.values())
+    assert all(0 <= v <= 1 for r in res["results"]["student"]["passkey"].values() for v in r.values())
+    assert res["results"]["teacher"]["passkey"]["512"] == {"0.1": None, "0.9": None}
+    assert res["notes"] == {"teacher": {"512": "n/a (> trained context 300)"}}
+    assert len(res["samples"]) == 2 * 2 * 2 + 1 * 2 * 2
+    keys = {"model", "subtask", "length", "depth", "trial", "tokens", "answer", "output", "correct"}
+    assert set(res["samples"][0]) == keys
+    json.dumps(res)
+    S.print_tables(res)
+    res = S.evaluate("babilong", runners[1:], tok, [0], [0.5], 1, "cpu")
+    assert res["depths"] == ["all"] and set(res["results"]["teacher"]) == {"qa2", "qa3"}
+
+
+def test_main_writes_json_with_documented_keys(tmp_path, monkeypatch, smol_tok):
+    model = tiny_model(smol_tok.n_vocab)
+    monkeypatch.setattr(L, "load_model", lambda init, device, dtype=None: (model, smol_tok, tmp_path / "teacher.gguf"))
+    out = tmp_path / "r.json"
+    argv = ["--teacher", "--niah", "--lengths", "200,9K", "--depths", "0.5", "--trials", "1", "--json", str(out)]
+    assert S.main(argv) == 0
+    j = json.loads(out.read_text())
+    assert list(j) == ["task", "model", "lengths", "depths", "trials", "results", "notes", "samples", "meta"]
+    assert j["task"] == "niah" and j["lengths"] == [200, 9216] and j["meta"]["argv"] == argv
+    assert set(j["results"]["teacher"]) == {"niah1", "niah2", "niah3"}
+    assert j["notes"]["teacher"]["9216"].startswith("n/a (> trained context 4096)")
+
+
+def test_generation_reproducible_with_seed_and_stops():
+    tok, model = ByteTok(), tiny_model(257)
+    prompt = tok.encode("hello world")
+    a = list(L.generate(model, prompt, 20, temperature=1.0, top_k=50, seed=7))
+    b = list(L.generate(model, prompt, 20, temperature=1.0, top_k=50, seed=7))
+    assert a == b and a != list(L.generate(model, prompt, 20, temperature=1.0, top_k=50, seed=8))
+    out, _, _ = S.stream(model, tok, prompt, 20, 1.0, 50, 7, echo=False)
+    assert out == [t for t in a if t not in tok.stop_ids][:len(out)]
+    greedy = list(L.generate(model, prompt, 12))
+    tok.stop_ids = [greedy[4]]  # stop at the first occurrence of the 5th greedy token
+    out, _, _ = S.stream(model, tok, prompt, 12, 0.0, None, None, echo=False)
+    assert out == greedy[:greedy.index(greedy[4])]
+
+
+def test_student_state_size_matches_caches():
+    model = tiny_model(257, student=True)
+    caches = model.new_caches(1, 64, "cpu", torch.float32)
+    model(torch.randint(0, 257, (1, 40)), caches, 0)
+    real = sum(v.numel() * v.element_size() for c in caches for v in c.values() if torch.is_tensor(v))
+    assert real == S.state_bytes(model.cfg, torch.float32, True, 40)
+    assert S.state_bytes(model.cfg, torch.bfloat16, False, 1000) == 2 * 2 * 2 * 16 * 2 * 1000
+
+
+def test_cli_errors_are_one_line(capsys, tmp_path):
+    assert S.main(["--ckpt", str(tmp_path / "missing.pt"), "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert S.main(["--teacher", "--passkey", "--lengths", "1K,x"]) == 1
+    assert "--lengths '1K,x'" in capsys.readouterr().err
+    assert S.parse_lengths("0,1K,2k,4096") == [0, 1024, 2048, 4096]
+
+
+def test_bench_runs_and_measures_constant_student_state(capsys):
+    model = tiny_model(257, student=True)
+    S.bench([("student", model, S.contextlib.nullcontext), ("teacher", model, S.teacher_mode)], [64, 128], "cpu", 4)
+    rows = [r.split("|") for r in capsys.readouterr().out.splitlines()[2:]]  # after the device line and the header
+    assert [(r[1].strip(), int(r[2])) for r in rows] == [("student", 64), ("student", 128),
+                                                         ("teacher", 64), ("teacher", 128)]
+    assert rows[0][9] == rows[1][9] and rows[2][9] != rows[3][9]  # constant student state, growing KV cache
