@@ -21,6 +21,7 @@ rows interleaved, so their loaders un-permute them (with the q head count for wq
 count for wk).
 """
 import base64
+import contextlib
 import glob
 import hashlib
 import importlib.util
@@ -39,6 +40,7 @@ import tiktoken
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class UserError(Exception):
@@ -159,7 +161,7 @@ def causal_conv(x, w, cache=None):
         cache = x.new_zeros(x.shape[0], K - 1, x.shape[2])
     xp = torch.cat([cache.to(x.dtype), x], dim=1)  # (B, K-1+T, C)
     y = F.conv1d(xp.transpose(1, 2), w.to(x.dtype).unsqueeze(1), groups=w.shape[0]).transpose(1, 2)
-    return y, xp[:, xp.shape[1] - (K - 1):]
+    return y, xp[:, xp.shape[1] - (K - 1):].clone()  # a copy: a view would keep all of xp alive in the cache
 
 
 class LawcatParams(nn.Module):
@@ -182,6 +184,9 @@ class LawcatParams(nn.Module):
     def phi(self, x):  # x (B, T, H, D) -> (B, T, H, D): [softmax(x A), softmax(-x A)], non-negative
         xa = torch.einsum("bthd,hdf->bthf", x.float(), self.feat.float())
         return torch.cat([xa.softmax(-1), (-xa).softmax(-1)], dim=-1)
+
+
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class Attention(nn.Module):
@@ -224,8 +229,10 @@ class Attention(nn.Module):
             i = torch.arange(S - T, S, device=q.device)[:, None]
             j = torch.arange(S, device=q.device)[None]
             mask = (j <= i) & ((i - j < W) if W else True)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=True)
+        # cuDNN rebuilds its plan whenever the key length changes, i.e. at every decode step: skip it there
+        with sdpa_kernel(DECODE_BACKENDS) if cache is not None and q.is_cuda else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=True)
         return y.transpose(1, 2)
 
     def linear_attention(self, x, q, k, v, cos, sin, cache):  # -> (B, T, H, D)
@@ -300,8 +307,9 @@ class Llama(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.inv_freq = rope_inv_freq(cfg)  # a plain attribute, not a buffer: model.to(bf16) must not round it
 
-    def forward(self, tokens, caches=None, start_pos=0):
-        """tokens (B, T) -> logits (B, T, V) in fp32. caches: one dict per layer from new_caches()."""
+    def forward(self, tokens, caches=None, start_pos=0, last_only=False):
+        """tokens (B, T) -> logits (B, T, V) in fp32 (B, 1, V with last_only: a 32K prefill of a
+        128K vocabulary would otherwise be 16 GB of logits). caches: one dict per layer from new_caches()."""
         T = tokens.shape[1]
         pos = torch.arange(start_pos, start_pos + T, device=tokens.device, dtype=torch.float32)
         freqs = torch.outer(pos, self.inv_freq.to(tokens.device))  # fp32 angles: bf16 positions lose integers > 256
@@ -310,6 +318,8 @@ class Llama(nn.Module):
         x = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, caches[i] if caches else None)
+        if last_only:
+            x = x[:, -1:]
         return self.output(self.norm(x)).float()
 
     def set_mode(self, mode):
@@ -398,7 +408,7 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, stop_id
     tokens = torch.tensor([prompt], device=device)
     caches = model.new_caches(1, len(prompt) + max_new_tokens, device, dtype)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    logits = model(tokens, caches, 0)[:, -1]
+    logits = model(tokens, caches, 0, last_only=True)[:, -1]
     pos = len(prompt)
     for _ in range(max_new_tokens):
         if temperature > 0:

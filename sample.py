@@ -1,0 +1,552 @@
+"""
+Generate from a distilled LAWCAT student (or its teacher) and measure what the paper claims:
+long-context retrieval (passkey, S-NIAH-1/2/3, BABILong QA2/QA3) and prefill/decode speed and memory.
+
+    python sample.py --prompt "The capital of France is"   # the newest out/*/stage*.pt, or --ckpt PATH
+    python sample.py --teacher --chat --prompt "Hi!"       # the plain teacher (--init picks its weights)
+    python sample.py --passkey [--lengths 1K,4K --depths 0.1,0.5,0.9 --trials 4]
+    python sample.py --niah | --babilong                   # student and teacher side by side
+    python sample.py --bench [--random-model llama3.2-1b]  # speed/memory; random weights of a preset shape
+
+Evaluation prompts are raw text (no chat template) laid out as in shared/notes/teacher_passkey.md.
+The model continues "... The pass key is" greedily and stops at a newline, a stop token, or once its
+first word is complete. Scoring is exact: the first whitespace-separated word of the output, with
+surrounding .,;:!?"'() stripped, must equal the answer (case-insensitive). For the key 12345,
+" 12345. Remember it" scores 1; "12346", "123456" and "the pass key" score 0. The teacher runs up
+to its trained context (cfg.max_seq_len); longer rows are student-only. On CPU, lengths over 8K are
+skipped unless --force.
+
+JSON from --passkey/--niah/--babilong (default path: next to the checkpoint, <task>_<ckpt stem>.json):
+    {"task": "passkey" | "niah" | "babilong",
+     "model": {"student": checkpoint path or null, "teacher": teacher weights},
+     "lengths": [1024, ...], "depths": ["0.1", ...] (["all"] for babilong), "trials": 4,
+     "results": {"student": {subtask: {"1024": {"0.1": accuracy in [0, 1], or null if not run}}},
+                 "teacher": {...}},        # subtasks: passkey | niah1 niah2 niah3 | qa2 qa3
+     "notes": {"teacher": {"16384": "n/a (> trained context 8192)"}},   # why a row was not run
+     "samples": [{"model", "subtask", "length", "depth", "trial", "tokens", "answer", "output", "correct"}],
+     "meta": {"device", "dtype", "teacher_context", "seconds", "argv"}}
+"""
+import argparse
+import contextlib
+import functools
+import glob
+import json
+import os
+import random
+import re
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+import lawcat as L
+
+# ----------------------------------------------------------------------------------------------
+# Prompts. Passkey and S-NIAH: shared/notes/teacher_passkey.md (raw form); S-NIAH lines from RULER.
+
+INSTR = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the important information there.")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+Q, A = "What is the pass key?", "The pass key is"
+INSTR_NIAH = ("Some special magic {kind}s are hidden within the following text. Make sure to memorize it. "
+              "I will quiz you about the {kind}s afterwards.")
+NEEDLE_NIAH = "One of the special magic {kind}s for {word} is: {key}."
+Q_NIAH = "What is the special magic {kind} for {word} mentioned in the provided text?"
+A_NIAH = "The special magic {kind} for {word} mentioned in the provided text is"
+WORDS = ("apple river lantern violet harbor thunder marble falcon pepper cactus meadow compass glacier "
+         "saffron anchor orchid quartz walnut ember canyon").split()
+SUBTASKS = {"passkey": ["passkey"], "niah": ["niah1", "niah2", "niah3"], "babilong": ["qa2", "qa3"]}
+MAX_NEW = {"passkey": 10, "niah1": 12, "niah2": 12, "niah3": 40, "qa2": 6, "qa3": 6}  # new tokens, at most
+
+
+@functools.cache
+def prose():
+    """English sentences from the stdlib's pydoc_data.topics: paragraphs of >= 80 chars, >= 90% letters
+    and spaces, no grammar rules (::=) or >>> code; whitespace collapsed; split into sentences."""
+    from pydoc_data.topics import topics
+    out = []
+    for key in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[key]):
+            p = " ".join(para.split())
+            letters = sum(c.isalpha() or c == " " for c in p)
+            if len(p) >= 80 and "::=" not in p and ">>>" not in p and letters >= 0.9 * len(p):
+                out += [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", p) if len(s) > 20]
+    return out
+
+
+def fit(tok, render, target):
+    """Ids of render(n) for the largest number n of filler units that keeps the prompt <= target tokens."""
+    enc = lambda n: tok.encode(render(n))  # noqa: E731
+    lo, hi = 0, 1
+    while len(enc(hi)) <= target:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if len(enc(mid)) <= target else (lo, mid)
+    return enc(lo)
+
+
+def build_passkey(tok, length, depth, key):
+    """<= length tokens (within one 24-token filler of it); the needle after round(depth * n) of n fillers."""
+    def render(n):
+        a = round(depth * n)
+        return (f"{INSTR}\n{' '.join([FILLER] * a)}\n{NEEDLE.format(key=key)}\n{' '.join([FILLER] * (n - a))}"
+                f"\n{Q} {A}")
+    return fit(tok, render, length)
+
+
+def build_niah(tok, subtask, length, depth, word, key):
+    """S-NIAH-1: a number in repeated noise; -2: a number in prose; -3: a UUID in prose."""
+    kind, hay = "uuid" if subtask == "niah3" else "number", [FILLER] if subtask == "niah1" else prose()
+    needle = NEEDLE_NIAH.format(kind=kind, word=word, key=key)
+
+    def render(n):
+        units, a = [hay[i % len(hay)] for i in range(n)], round(depth * n)
+        return (INSTR_NIAH.format(kind=kind) + "\n" + " ".join(units[:a] + [needle] + units[a:]) + "\n"
+                + Q_NIAH.format(kind=kind, word=word) + " " + A_NIAH.format(kind=kind, word=word))
+    return fit(tok, render, length)
+
+
+# BABILong-style QA2/QA3: bAbI facts simulated on the fly and scattered, in order, through prose
+PEOPLE, OBJECTS = ["Mary", "John", "Daniel", "Sandra"], ["apple", "football", "milk"]
+PLACES = ["bathroom", "hallway", "kitchen", "office", "garden", "bedroom"]
+MOVE, GET, DROP = ["went to", "journeyed to", "travelled to", "moved to"], ["picked up", "got", "grabbed", "took"], \
+    ["dropped", "discarded", "put down"]
+INSTR_BABI = ("I will give you context with the facts about positions of objects and people hidden in some random "
+              "text and a question. You need to answer the question based only on the information from the facts.")
+EXAMPLE = {  # its people, objects and places are not among the story's, so copying it never scores
+    "qa2": "Example: Bob went to the porch. Bob picked up the ball. Bob travelled to the attic. "
+           "Question: Where is the ball? Answer: The ball is in the attic.",
+    "qa3": "Example: Anna went to the cellar. Anna got the book. Anna went to the porch. Anna journeyed to the "
+           "attic. Question: Where was the book before the attic? Answer: Before the attic, the book was in the porch."}
+
+
+def babi_story(rng, task):
+    """(facts, question, answer prefix, answer). People move, pick up and drop objects in a simulated
+    world, so the answer is known. qa2: where is an object that was carried (>= 2 supporting facts);
+    qa3: where was it before its last place (>= 3 facts)."""
+    while True:
+        where, holder, trail, facts = {}, {}, {o: [] for o in OBJECTS}, []  # trail: an object's places
+        for _ in range(8 if task == "qa2" else 10):
+            p = rng.choice(PEOPLE)
+            held = [o for o, h in holder.items() if h == p]
+            free = [o for o in OBJECTS if o not in holder and p in where and trail[o][-1:] in ([], [where[p]])]
+            act = rng.choices(["move", "get", "drop"], [4, 2 * bool(free), bool(held)])[0]
+            if act == "move":
+                where[p] = rng.choice([x for x in PLACES if x != where.get(p)])
+                facts.append(f"{p} {rng.choice(MOVE)} the {where[p]}.")
+            elif act == "get":
+                o = rng.choice(free)
+                holder[o] = p
+                facts.append(f"{p} {rng.choice(GET)} the {o}.")
+            else:
+                o = rng.choice(held)
+                del holder[o]
+                facts.append(f"{p} {rng.choice(DROP)} the {o}.")
+            for o, h in holder.items():  # a carried object is where its holder is
+                if trail[o][-1:] != [where[h]]:
+                    trail[o].append(where[h])
+        ok = [o for o in OBJECTS if len(trail[o]) >= 2 and (task == "qa2" or trail[o][-1] not in trail[o][:-1])]
+        if ok:
+            o = rng.choice(ok)
+            last = trail[o][-1]
+            if task == "qa2":
+                return facts, f"Where is the {o}?", f"The {o} is in the", last
+            before = trail[o][-2]
+            return facts, f"Where was the {o} before the {last}?", f"Before the {last}, the {o} was in the", before
+
+
+def build_babilong(tok, length, task, facts, question, prefix, seed):
+    """Facts scattered in order through prose (from a seeded offset); length 0: the facts alone."""
+    hay = prose()
+    start = random.Random(seed).randrange(len(hay))
+
+    def render(n):
+        units = [hay[(start + i) % len(hay)] for i in range(n)]
+        places = sorted(random.Random(seed).choices(range(n + 1), k=len(facts)))
+        for p, f in reversed(list(zip(places, facts))):  # from the back, so the facts keep their order
+            units.insert(p, f)
+        return f"{INSTR_BABI}\n{EXAMPLE[task]}\n\nContext: {' '.join(units)}\nQuestion: {question}\nAnswer: {prefix}"
+    return fit(tok, render, length) if length else tok.encode(render(0))
+
+
+def make_case(subtask, tok, length, depth, trial):
+    """(prompt ids, answer) of one trial; all randomness from random.Random(f"{subtask}-{trial}-{length}-{depth}")."""
+    seed = f"{subtask}-{trial}-{length}-{depth}"
+    rng = random.Random(seed)
+    if subtask == "passkey":
+        key = str(rng.randint(10000, 99999))
+        return build_passkey(tok, length, float(depth), key), key
+    if subtask.startswith("niah"):
+        word = rng.choice(WORDS)
+        key = uuid.UUID(int=rng.getrandbits(128), version=4) if subtask == "niah3" else rng.randint(10**6, 10**7 - 1)
+        key = str(key)
+        return build_niah(tok, subtask, length, float(depth), word, key), key
+    facts, question, prefix, answer = babi_story(rng, subtask)
+    return build_babilong(tok, length, subtask, facts, question, prefix, seed), answer
+
+
+def score(output, answer):
+    """1 if the output's first word, surrounding punctuation stripped, equals the answer (any case); else 0."""
+    words = output.split()
+    return int(bool(words) and words[0].strip(".,;:!?\"'()").lower() == answer.lower())
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+@contextlib.contextmanager
+def teacher_mode(model):
+    """The student object run as its teacher: softmax attention, LoRA off."""
+    mode = model.layers[0].attention.mode
+    model.set_mode("softmax")
+    L.Linear.lora_on = False
+    try:
+        yield model
+    finally:
+        L.Linear.lora_on = True
+        model.set_mode(mode)
+
+
+@contextlib.contextmanager
+def last_logits_only(model):
+    """Prefill computes logits for the last position only (all of them at 32K x 49K vocab: 6 GB in fp32)."""
+    hook = model.norm.register_forward_hook(lambda module, inputs, out: out[:, -1:])
+    try:
+        yield model
+    finally:
+        hook.remove()
+
+
+def answer(model, tok, ids, max_new):
+    """Greedy continuation; stops at a newline, a stop token, or once the first word is complete."""
+    out = []
+    for t in L.generate(model, ids, max_new, stop_ids=tok.stop_ids):
+        if t in tok.stop_ids:
+            break
+        out.append(t)
+        text = tok.decode(out)
+        if "\n" in text.lstrip() or re.match(r"\s*\S+\s", text):
+            break
+    return tok.decode(out).lstrip("\n").split("\n")[0]
+
+
+def skip_reason(name, length, model, device, force):
+    if name == "teacher" and length > model.cfg.max_seq_len:
+        return f"n/a (> trained context {model.cfg.max_seq_len})"
+    if str(device) == "cpu" and length > 8192 and not force:
+        return "skipped on CPU (> 8K; --force runs it)"
+    return None
+
+
+def evaluate(task, runners, tok, lengths, depths, trials, device="cpu", force=False):
+    """runners: [(name, model, context manager)]. Returns the JSON dict less "model" and "meta"."""
+    depths = ["all"] if task == "babilong" else [str(d) for d in depths]
+    res = dict(task=task, lengths=lengths, depths=depths, trials=trials, results={}, notes={}, samples=[])
+    for name, model, ctx in runners:
+        with ctx(model), last_logits_only(model):
+            for sub in SUBTASKS[task]:
+                for n in lengths:
+                    row = res["results"].setdefault(name, {}).setdefault(sub, {})[str(n)] = dict.fromkeys(depths)
+                    why, t0 = skip_reason(name, n, model, device, force), time.time()
+                    if why:
+                        res["notes"].setdefault(name, {})[str(n)] = why
+                        continue
+                    for d in depths:
+                        for trial in range(trials):
+                            ids, key = make_case(sub, tok, n, d, trial)
+                            out = answer(model, tok, ids, MAX_NEW[sub])
+                            res["samples"].append(dict(model=name, subtask=sub, length=n, depth=d, trial=trial,
+                                                       tokens=len(ids), answer=key, output=out, correct=score(out, key)))
+                        row[d] = sum(s["correct"] for s in res["samples"][-trials:]) / trials
+                    print(f"  {name:7s} {sub:7s} {n:6d}: " + " ".join(f"{row[d]:.2f}" for d in depths)
+                          + f"  ({time.time() - t0:.1f} s)", flush=True)
+    return res
+
+
+def avg(row):
+    vals = [v for v in row.values() if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def pct(x):
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def print_tables(res):
+    lengths, depths, names = res["lengths"], res["depths"], list(res["results"])
+    for name in names if len(depths) > 1 else []:  # length x depth, per model and subtask
+        for sub, rows in res["results"][name].items():
+            print(f"\n{sub}, {name}: exact-match accuracy, {res['trials']} trial(s) per cell")
+            print("| length | " + " | ".join(f"d={d:>4s}" for d in depths) + " |  avg |")
+            for n in lengths:
+                note = res["notes"].get(name, {}).get(str(n))
+                row = rows[str(n)]
+                cells = [note] if note else [f"{pct(row[d]):>6s}" for d in depths] + [f"{pct(avg(row)):>4s}"]
+                print(f"| {n:6d} | " + " | ".join(cells) + " |")
+    cols = [f"{sub} {name}" for sub in SUBTASKS[res["task"]] for name in names]
+    how = "mean over depths" if len(depths) > 1 else f"{res['trials']} trials per cell"
+    print(f"\n{res['task']}: accuracy, {how}")
+    print("| length | " + " | ".join(cols) + " |")
+    for n in lengths:
+        accs = ["n/a" if str(n) in res["notes"].get(name, {}) else pct(avg(res["results"][name][sub][str(n)]))
+                for sub in SUBTASKS[res["task"]] for name in names]
+        print(f"| {n:6d} | " + " | ".join(f"{a:>{len(c)}s}" for a, c in zip(accs, cols)) + " |")
+    for name, notes in res["notes"].items():
+        print(f"{name} not run at: " + "; ".join(f"{n} ({why})" for n, why in notes.items()))
+
+
+def heatmap(res, path):
+    """A length x depth heatmap per model and subtask, if matplotlib is installed (it is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    grids = [(f"{sub} {name}", rows) for name, subs in res["results"].items() for sub, rows in subs.items()]
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.5), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], grids):
+        lengths, depths = res["lengths"], res["depths"]
+        grid = [[float("nan") if rows[str(n)][d] is None else rows[str(n)][d] for n in lengths] for d in depths]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set(title=title, xticks=range(len(lengths)), yticks=range(len(depths)), yticklabels=depths)
+        ax.set_xticklabels([f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths], rotation=45)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation and speed
+
+def state_bytes(cfg, dtype, student, T):
+    """Decode state: the student's conv tails + S + z (fp32) over all layers, or the teacher's KV cache at T tokens."""
+    H, D, b = cfg.n_heads, cfg.head_dim, torch.empty(0, dtype=dtype).element_size()
+    if not student:
+        return 2 * cfg.n_layers * cfg.n_kv_heads * D * b * T
+    return cfg.n_layers * ((2 * (cfg.conv_size - 1) * H * D * b if cfg.conv else 0) + 4 * (H * D * D + H * D))
+
+
+def mib(n):
+    return f"{n / 2**20:.2f} MiB"
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def stream(model, tok, ids, max_new, temperature, top_k, seed, echo=True):
+    """Generate, printing text as it comes (held back while a multi-byte character is incomplete).
+    Returns (new ids, stop token excluded; prefill seconds; seconds for the rest)."""
+    device, out, shown = model.tok_embeddings.weight.device, [], ""
+    t0 = t1 = time.perf_counter()
+    with last_logits_only(model):
+        for i, t in enumerate(L.generate(model, ids, max_new, temperature, top_k, tok.stop_ids, seed)):
+            if i == 0:
+                sync(device)
+                t1 = time.perf_counter()
+            if t in tok.stop_ids:
+                break
+            out.append(t)
+            text = tok.decode(out)
+            if echo and not text.endswith("\ufffd"):
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+    sync(device)
+    return out, t1 - t0, time.perf_counter() - t1
+
+
+@torch.no_grad()
+def measure(model, T, steps, device):
+    """(prefill seconds, decode seconds for `steps` tokens, peak bytes or None, decode-state bytes) at context T."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    caches = model.new_caches(1, T + steps, device, model.tok_embeddings.weight.dtype)
+    tokens = torch.randint(0, model.cfg.vocab_size, (1, T), device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    nxt = model(tokens, caches, 0)[:, -1].argmax(-1, keepdim=True)
+    sync(device)
+    t1 = time.perf_counter()
+    prefill_peak = torch.cuda.max_memory_allocated() if cuda else None
+    if cuda:  # decode's own peak: weights + state (or KV cache) + one token's activations
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(steps):
+        nxt = model(nxt, caches, T + i)[:, -1].argmax(-1, keepdim=True)
+    sync(device)
+    state = sum(v.numel() * v.element_size() for c in caches for v in c.values() if torch.is_tensor(v))
+    peaks = (prefill_peak, torch.cuda.max_memory_allocated()) if cuda else (None, None)
+    return t1 - t0, time.perf_counter() - t1, peaks, state
+
+
+def bench(runners, lengths, device, steps):
+    """Prefill latency, decode tokens/s, peak GPU memory (weights included) and decode-state size by context.
+    Each length runs twice and the second run is reported (the first compiles kernels for its shapes)."""
+    print(f"{torch.cuda.get_device_name() if torch.device(device).type == 'cuda' else 'CPU'}, "
+          f"{next(m for _, m, _ in runners).tok_embeddings.weight.dtype}, batch 1, {steps} decode steps")
+    print("| model | context | prefill ms | prefill tok/s | decode ms/token | decode tok/s | peak memory prefill |"
+          " peak memory decode | decode state |")
+    for name, model, ctx in runners:
+        with ctx(model), last_logits_only(model):
+            for T in lengths:
+                try:
+                    measure(model, T, 2, device)
+                    prefill, decode, peak, state = measure(model, T, steps, device)
+                except torch.OutOfMemoryError:
+                    print(f"| {name} | {T} | out of memory | | | | | | |", flush=True)
+                    continue
+                print(f"| {name} | {T} | {1e3 * prefill:.1f} | {T / prefill:,.0f} | {1e3 * decode / steps:.2f} | "
+                      f"{steps / decode:.1f} | {'-' if peak[0] is None else mib(peak[0])} | "
+                      f"{'-' if peak[1] is None else mib(peak[1])} | {mib(state)} |", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def parse_lengths(s):
+    try:
+        return [int(float(x[:-1]) * 1024) if x[-1] in "kK" else int(x) for x in s.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise L.UserError(f"--lengths {s!r}: expected comma-separated token counts such as 1K,2K,4096") from None
+
+
+def parse_depths(s):
+    try:
+        depths = [float(d) for d in s.split(",")]
+    except ValueError:
+        depths = [-1.0]
+    if not all(0 <= d <= 1 for d in depths):
+        raise L.UserError(f"--depths {s!r}: expected comma-separated fractions in [0, 1] such as 0.1,0.5,0.9")
+    return depths
+
+
+def load(args, device, dtype):
+    """([(name, model, context manager)], tokenizer, {"student": path, "teacher": path})."""
+    if args.random_model:  # random weights: speed and memory only
+        with torch.device(device):
+            model = L.Llama(L.preset(args.random_model))
+        model.to(dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+        for p in model.parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, 0, 0.02)
+        L.convert_to_lawcat(model, verbose=False)
+        return [("student", model, contextlib.nullcontext), ("teacher", model, teacher_mode)], None, {}
+    found = sorted(glob.glob("out/*/stage*.pt"), key=os.path.getmtime)
+    ckpt = Path(args.ckpt) if args.ckpt else Path(found[-1]) if found else None
+    if args.teacher:
+        recorded = None
+        if not args.init and ckpt and ckpt.exists():  # the teacher this checkpoint was distilled from
+            try:
+                recorded = torch.load(ckpt, map_location="cpu", weights_only=True)["teacher"]
+            except Exception as e:
+                raise L.UserError(f"{ckpt}: not a readable lawcat checkpoint ({e.__class__.__name__}); "
+                                  f"pass --init with the teacher's weights") from None
+        model, tok, path = L.load_model(args.init or recorded or "smollm2-135m", device, dtype)
+        return [("teacher", model, contextlib.nullcontext)], tok, {"student": None, "teacher": str(path)}
+    if ckpt is None:
+        raise L.UserError("no checkpoint in out/*/stage*.pt: run `python train.py` first, or pass --ckpt PATH "
+                          "(a student) or --teacher (the plain teacher)")
+    model, tok, c = L.load_student(ckpt, device, dtype, teacher=args.init)
+    runners = [("student", model, contextlib.nullcontext)]
+    if not args.no_teacher:
+        runners.append(("teacher", model, teacher_mode))
+    return runners, tok, {"student": str(ckpt), "teacher": args.init or c["teacher"]}
+
+
+def run_eval(args, task, runners, tok, paths, lengths, depths, device):
+    model, t0 = runners[0][1], time.time()
+    trials = args.trials or (20 if task == "babilong" else 4)
+    print(f"{task} on {device}; the teacher's trained context is {model.cfg.max_seq_len} tokens", flush=True)
+    res = evaluate(task, runners, tok, lengths, depths, trials, device, args.force)
+    res["model"] = paths
+    res["meta"] = dict(device=str(device), dtype=str(model.tok_embeddings.weight.dtype),
+                       teacher_context=model.cfg.max_seq_len, seconds=round(time.time() - t0, 1), argv=args.argv)
+    print_tables(res)
+    default = Path(paths["student"]).with_name(f"{task}_{Path(paths['student']).stem}.json") if paths["student"] \
+        else Path("out") / f"{task}_teacher.json"
+    out = Path(args.json or default)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    keys = ("task", "model", "lengths", "depths", "trials", "results", "notes", "samples", "meta")
+    out.write_text(json.dumps({k: res[k] for k in keys}, indent=1))
+    png = heatmap(res, out.with_suffix(".png"))
+    print(f"\nwrote {out}" + (f" and {png}" if png else " (a heatmap too when matplotlib is installed)"))
+
+
+def run_generate(args, runners, tok, paths):
+    name, model, ctx = runners[0]
+    try:
+        text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
+    except OSError as e:
+        raise L.UserError(f"--prompt-file: {e}") from None
+    ids = tok.chat_prompt(text) if args.chat else tok.encode(text)
+    print(f"[{name}: {paths[name]}]\n" + ("" if args.chat else text), end="", flush=True)
+    out, t_prefill, t_rest = stream(model, tok, ids, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    T, dtype = len(ids) + len(out), model.tok_embeddings.weight.dtype
+    print(f"\n\n[{len(ids)} prompt tokens: prefill {1e3 * t_prefill:.0f} ms; {len(out)} new tokens: "
+          f"{max(len(out) - 1, 0) / max(t_rest, 1e-9):.1f} tokens/s]")
+    print(f"[decode state: student {mib(state_bytes(model.cfg, dtype, True, T))} (conv tails + S + z, the same at any "
+          f"length); teacher KV cache {mib(state_bytes(model.cfg, dtype, False, T))} at {T} tokens]")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", help="student checkpoint (default: the newest out/*/stage*.pt)")
+    p.add_argument("--teacher", action="store_true", help="run the plain teacher only")
+    p.add_argument("--init", help="teacher weights (default: the path the checkpoint records, else smollm2-135m)")
+    p.add_argument("--no-teacher", action="store_true", help="evaluate the student only")
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--prompt-file")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--seed", type=int, default=1337)
+    mode = p.add_mutually_exclusive_group()
+    for m, what in (("passkey", "passkey retrieval"), ("niah", "S-NIAH-1/2/3"), ("babilong", "BABILong-style QA2/QA3"),
+                    ("bench", "prefill/decode speed and memory against context length")):
+        mode.add_argument(f"--{m}", action="store_true", help=what)
+    p.add_argument("--lengths", help="e.g. 1K,2K,4096 (default: passkey/niah 1K..32K, babilong 0..16K, bench 1K..64K, "
+                                     "on CPU 256..2K)")
+    p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    p.add_argument("--trials", type=int, help="per cell (default: 4, babilong 20)")
+    p.add_argument("--json", help="results file (default: next to the checkpoint)")
+    p.add_argument("--force", action="store_true", help="run lengths over 8K on CPU too")
+    p.add_argument("--random-model", help="--bench random weights of a preset's shape, e.g. llama3.2-1b")
+    p.add_argument("--decode-steps", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
+    args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise L.UserError("--device cuda: no GPU here; use --device cpu")
+        if args.random_model and not args.bench:
+            raise L.UserError("--random-model is for --bench only")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[args.dtype]
+        task = next((t for t in SUBTASKS if getattr(args, t)), None)
+        default = ("256,512,1K,2K" if device.type == "cpu" else "1K,2K,4K,8K,16K,32K,64K") if args.bench else \
+            "0,1K,2K,4K,8K,16K" if task == "babilong" else "1K,2K,4K,8K,16K,32K"
+        lengths, depths = parse_lengths(args.lengths or default), parse_depths(args.depths)
+        runners, tok, paths = load(args, device, dtype)
+        if args.bench:
+            bench(runners, lengths, device, args.decode_steps)
+        elif task:
+            run_eval(args, task, runners, tok, paths, lengths, depths, device)
+        else:
+            run_generate(args, runners, tok, paths)
+        return 0
+    except L.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
