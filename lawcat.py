@@ -307,9 +307,10 @@ class Llama(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.inv_freq = rope_inv_freq(cfg)  # a plain attribute, not a buffer: model.to(bf16) must not round it
 
-    def forward(self, tokens, caches=None, start_pos=0, last_only=False):
+    def forward(self, tokens, caches=None, start_pos=0, last_only=False, logits=True):
         """tokens (B, T) -> logits (B, T, V) in fp32 (B, 1, V with last_only: a 32K prefill of a
-        128K vocabulary would otherwise be 16 GB of logits). caches: one dict per layer from new_caches()."""
+        128K vocabulary would otherwise be 16 GB of logits; None with logits=False, for stage 1, which
+        needs only the per-layer losses). caches: one dict per layer from new_caches()."""
         T = tokens.shape[1]
         pos = torch.arange(start_pos, start_pos + T, device=tokens.device, dtype=torch.float32)
         freqs = torch.outer(pos, self.inv_freq.to(tokens.device))  # fp32 angles: bf16 positions lose integers > 256
@@ -318,6 +319,8 @@ class Llama(nn.Module):
         x = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, caches[i] if caches else None)
+        if not logits:
+            return None
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()

