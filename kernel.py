@@ -253,21 +253,23 @@ def _chunk_sums(k_ptr, v_ptr, g_ptr, U_ptr, u_ptr, a_ptr, T, H, N, K: tl.constex
 @triton.jit
 def _scan_load(U_ptr, u_ptr, a_ptr, bh, n, N, K: tl.constexpr, V: tl.constexpr, rk, sk):
     """Chunk n's (U, u, a) for rows rk; identity (0, 0, 0) when n is out of range."""
-    ok = (n >= 0) & (n < N)
-    base = bh * N + tl.where(ok, n, 0)
-    U = tl.load(U_ptr + base * K * V + sk, mask=(sk >= 0) & ok, other=0.).to(tl.float32)
-    u = tl.load(u_ptr + base * K + rk, mask=(rk >= 0) & ok, other=0.)
-    a = tl.load(a_ptr + base * K + rk, mask=(rk >= 0) & ok, other=0.)
+    nr = n + 0 * rk  # n per row: a scalar mask is not accepted by every Triton interpreter (3.9)
+    ok = (nr >= 0) & (nr < N)
+    base = bh * N + tl.where(ok, nr, 0)
+    U = tl.load(U_ptr + base[:, None] * K * V + sk, mask=ok[:, None], other=0.).to(tl.float32)
+    u = tl.load(u_ptr + base * K + rk, mask=ok, other=0.)
+    a = tl.load(a_ptr + base * K + rk, mask=ok, other=0.)
     return U, u, a
 
 
 @triton.jit
 def _scan_step(st_ptr, zt_ptr, S, z, U, u, a, bh, n, N, K: tl.constexpr, V: tl.constexpr, rk, sk):
     """Store the running (S, z) as chunk n's entry, then fold chunk n in."""
-    ok = (n >= 0) & (n < N)
-    base = bh * N + tl.where(ok, n, 0)
-    tl.store(st_ptr + base * K * V + sk, S.to(st_ptr.dtype.element_ty), mask=(sk >= 0) & ok)
-    tl.store(zt_ptr + base * K + rk, z, mask=(rk >= 0) & ok)
+    nr = n + 0 * rk
+    ok = (nr >= 0) & (nr < N)
+    base = bh * N + tl.where(ok, nr, 0)
+    tl.store(st_ptr + base[:, None] * K * V + sk, S.to(st_ptr.dtype.element_ty), mask=ok[:, None])
+    tl.store(zt_ptr + base * K + rk, z, mask=ok)
     return tl.exp(a)[:, None] * S + U, tl.exp(a) * z + u
 
 

