@@ -1202,6 +1202,31 @@ def test_stage2_touches_only_lora(tmp_path):
     assert changed and all(".lora_" in n for n in changed), changed
 
 
+def test_stage2_losses_kl_and_mix_against_hand_computation(tmp_path):
+    """--loss kl is KL(teacher || student) per token (the teacher's distribution weights the log-ratio);
+    --loss mix is the mean of it and next-token cross-entropy. Also: stage 2 may change the LoRA rank."""
+    model = L.convert_to_lawcat(tiny_teacher(), verbose=False)
+    L.add_lora(model)
+    for p in L.new_parameters(model).values():
+        p.data += torch.randn_like(p) * 0.2  # a student that differs from its teacher
+    batch = fixed_batch()
+    x, y = batch[:, :-1], batch[:, 1:]
+    with torch.no_grad():
+        s = model(x).log_softmax(-1).double()
+        t = L.teacher_logits(model, x).log_softmax(-1).double()
+    kl_ref = (t.exp() * (t - s)).sum(-1).mean()
+    ce_ref = -s.gather(-1, y[..., None]).mean()
+    for loss, ref in (("kl", kl_ref), ("mix", (kl_ref + ce_ref) / 2), ("ce", ce_ref)):
+        args = make_args(tmp_path, "--loss", loss)
+        with torch.no_grad():
+            got = T.compute_loss(2, model, model, batch, args)
+        assert abs(got.item() - ref.item()) < 1e-5 * max(1.0, ref.item()), (loss, got.item(), ref.item())
+    assert T.train(make_args(tmp_path, "--stage", "1", "--steps", "1"), tiny_teacher(), ByteTokenizer()) == "done"
+    assert T.train(make_args(tmp_path, "--stage", "2", "--steps", "1", "--loss", "kl", "--lora-rank", "4"),
+                   tiny_teacher(), ByteTokenizer()) == "done"
+    assert torch.load(tmp_path / "out/stage2.pt", weights_only=True)["config"]["lora_rank"] == 4
+
+
 def run(tmp_path, *extra, interrupt_at=None):
     """Run train() on the tiny teacher; interrupt_at=(stage, step) sends a real SIGINT after that step."""
     def on_step(stage, step, model):
@@ -1296,7 +1321,7 @@ def test_bad_input_messages(tmp_path, capsys):
     with pytest.raises(L.UserError, match="distilled from another teacher"):
         T.train(make_args(tmp_path, "--resume"), tiny_teacher(seed=1), ByteTokenizer())
     with pytest.raises(L.UserError, match=r"saved with another config: conv_size=4 \(now 3\)"):
-        T.train(make_args(tmp_path, "--resume"), tiny_teacher(conv_size=3), ByteTokenizer())
+        T.train(make_args(tmp_path, "--resume", "--conv-size", "3"), tiny_teacher(), ByteTokenizer())
     with pytest.raises(L.UserError, match="--resume: no checkpoint in"):
         T.train(make_args(tmp_path, "--resume", "--out", str(tmp_path / "elsewhere")), tiny_teacher(), ByteTokenizer())
 

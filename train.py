@@ -408,8 +408,10 @@ def train(args, model=None, tokenizer=None, on_step=None):
 
     if model is None:
         model, tokenizer, ctx["teacher_path"] = L.load_model(args.init, device, **lawcat_overrides(args))
-    else:
+    else:  # a teacher built by the caller: the switches still come from the flags
         ctx["teacher_path"] = args.init
+        for k, v in lawcat_overrides(args).items():
+            setattr(model.cfg, k, v)
     args.out = args.out or str(Path("out") / (args.init if args.init in L.PRESETS else Path(args.init).stem))
     sources = find_sources(args.data) if args.data else default_sources()
     if world > 1 and rank != 0:
