@@ -107,50 +107,79 @@ def lawcat_step(q, k, v, g, state, eps=1e-6, normalize=True):
 
 # ----------------------------------------------------------------------------- plain-torch chunked path
 
-def _levels(G, C):
-    """Per level b = C/2 .. 1: (rows in the second half of their 2b-block, each row's pivot, each row's 2b-block)."""
-    r = torch.arange(C, device=G.device)
+_TORCH_FAST_SPAN = 40.  # nats either side of the chunk's middle row for chunked_torch's one-product form of A
+
+
+def _torch_intra_fast(q, k, v, E):
+    """sum_{s <= t} A_ts v_s (A as in the docstring) given E = G - G_p for the chunk's middle row p and |E| <= 40:
+    exp(G_t - G_s) = exp(E_t) * exp(-E_s), so A = tril((q e^E)(k e^-E)^T), one product. The factors stay within
+    e^+-40, so even the discarded t < s entries (<= e^80) are finite and tril drops them exactly."""
+    return torch.tril((q * E.exp()) @ (k * (-E).exp()).transpose(-1, -2)) @ v
+
+
+def _torch_intra_levels(q, k, v, G):
+    """The same for any decays, level by level (b = C/2 .. 1): each 2b-block's second-half rows t against its
+    first-half rows s through the pivot p (the first half's last row), exp(G_t - G_p) * exp(G_p - G_s), both <= 1.
+    Blocks are reshapes, so a level costs C*b*K (not C*C*K) and needs no masks."""
+    *lead, C, K = q.shape
+    out = (q * k).sum(-1, keepdim=True) * v  # the diagonal: no decay
     b = C // 2
     while b >= 1:
-        pivot = r // (2 * b) * (2 * b) + b - 1
-        yield r > pivot, pivot, r // (2 * b)
+        # (.., C/2b, b, D) halves of every 2b-block (unbind: one cheap backward, not a zero fill per select)
+        halves = lambda x: x.reshape(*lead, C // (2 * b), 2, b, x.shape[-1]).unbind(-3)
+        (_, q1), (k0, _), (v0, _), (G0, G1) = map(halves, (q, k, v, G))
+        Gp = G0[..., -1:, :]  # the pivot row
+        Q1, K0 = q1 * torch.exp(G1 - Gp), k0 * torch.exp(Gp - G0)
+        if b == 1:  # 1x1 blocks: a dot product, cheaper than a batched matmul of tiny matrices
+            y = (Q1 * K0).sum(-1, keepdim=True) * v0
+        else:
+            y = (Q1 @ K0.transpose(-1, -2)) @ v0  # (.., C/2b, b, V): the second halves' share
+        out = out + F.pad(y, (0, 0, b, 0)).reshape(out.shape)  # first-half rows get nothing at this level
         b //= 2
+    return out
 
 
 def chunked_torch(q, k, v, g, state=None, eps=1e-6, normalize=True, C=CHUNK):
-    """The same chunked algebra in PyTorch (autograd, CPU training, float64 reference)."""
+    """The same chunked algebra in PyTorch (autograd, CPU training, float64 reference). Chunks where no channel
+    moves more than _TORCH_FAST_SPAN nats from the middle row take the one-product form of A, the rest the exact
+    level form (both exact up to rounding, neither overflows)."""
     B, T, H, K = q.shape
     V, N, dt, out_dtype = v.shape[-1], -(-T // C), torch.promote_types(q.dtype, torch.float32), v.dtype
 
-    def chunks(x):  # (B, T, H, D) -> (B, H, N, C, D), zero-padded: g = 0 decays nothing, k = 0 adds nothing
+    def chunks(x):  # (B, T, H, D) -> (B*H*N, C, D), zero-padded: g = 0 decays nothing, k = 0 adds nothing
         x = F.pad(x.to(dt).transpose(1, 2), (0, 0, 0, N * C - T))
-        return x.reshape(B, H, N, C, x.shape[-1])
+        return x.reshape(B * H * N, C, x.shape[-1])
 
     q, k, v, g = map(chunks, (q, k, v, g))
-    G = g.cumsum(-2)  # (B, H, N, C, K), cumulative log-decay inside each chunk
-    A = torch.diag_embed((q * k).sum(-1))  # (B, H, N, C, C); pairs t > s added level by level
-    for late, pivot, blk in _levels(G, C):
-        Gp = G[..., pivot, :]
-        Fb = torch.exp(torch.where(late[:, None], G - Gp, Gp - G))  # every exponent <= 0
-        Qb, Kb = q * Fb * late[:, None], k * Fb * ~late[:, None]
-        M = (blk[:, None] == blk[None, :]) & late[:, None] & ~late[None, :]
-        A = A + (Qb @ Kb.transpose(-1, -2)) * M
-    Gl = G[..., -1, :]  # (B, H, N, K), total log-decay of each chunk
-    kd = k * torch.exp(Gl[..., None, :] - G)  # k_s decayed to the chunk end
-    U, u = kd.transpose(-1, -2) @ v, kd.sum(-2)  # (B, H, N, K, V), (B, H, N, K)
+    # z is S with v replaced by ones: carry it as S's column V, so the denominator comes out of the same products
+    v = torch.cat([v, v.new_ones(B * H * N, C, 1)], -1)
     S, z = state if state is not None else (q.new_zeros(B, H, K, V), q.new_zeros(B, H, K))
-    S, z, Ss, zs = S.to(dt), z.to(dt), [], []
-    for n in range(N):  # the only sequential part: small (K, V) updates
-        Ss.append(S), zs.append(z)
-        a = Gl[:, :, n].exp()
-        S, z = a[..., None] * S + U[:, :, n], a * z + u[:, :, n]
-    qd = q * G.exp()  # q_t decayed from the chunk start
-    o = qd @ torch.stack(Ss, 2) + A @ v  # (B, H, N, C, V)
-    if normalize:
-        den = (qd * torch.stack(zs, 2)[..., None, :]).sum(-1) + A.sum(-1)
-        o = o / (den + eps)[..., None]
+    S = torch.cat([S.to(dt), z.to(dt)[..., None]], -1)  # (B, H, K, V + 1)
+    G = g.cumsum(-2)  # cumulative log-decay inside each chunk
+    E = G - G[:, C // 2 - 1: C // 2]
+    with torch.no_grad():  # G is non-increasing, so |E| peaks at a chunk's first or last row
+        fast = torch.maximum(E[:, 0].abs().amax(-1), E[:, -1].abs().amax(-1)) <= _TORCH_FAST_SPAN
+        n_fast = int(fast.sum())
+    if n_fast == fast.numel():
+        intra = _torch_intra_fast(q, k, v, E)
+    elif n_fast == 0:
+        intra = _torch_intra_levels(q, k, v, G)
+    else:  # route chunk by chunk (the fast form must never see a wild chunk: its factors would overflow)
+        fi, li = fast.nonzero()[:, 0], (~fast).nonzero()[:, 0]
+        pick = lambda i, *xs: (x.index_select(0, i) for x in xs)
+        intra = torch.zeros_like(v).index_copy(0, fi, _torch_intra_fast(*pick(fi, q, k, v, E))) \
+                                   .index_copy(0, li, _torch_intra_levels(*pick(li, q, k, v, G)))
+    G, Gl = G.reshape(B, H, N, C, K), G[:, -1].reshape(B, H, N, K)  # Gl: total log-decay of each chunk
+    k, v, q = k.reshape(B, H, N, C, K), v.reshape(B, H, N, C, V + 1), q.reshape(B, H, N, C, K)
+    U = (k * torch.exp(Gl[..., None, :] - G)).transpose(-1, -2) @ v  # (B, H, N, K, V + 1): what each chunk adds
+    Ss = []
+    for a, Un in zip(Gl.exp()[..., None].unbind(2), U.unbind(2)):  # the only sequential part: small updates
+        Ss.append(S)  # (unbind, not indexing: the backward of N selects would be N full-size zero fills)
+        S = a * S + Un
+    o = (q * G.exp()) @ torch.stack(Ss, 2) + intra.reshape(B, H, N, C, V + 1)  # q_t decayed from the chunk start
+    o = o[..., :V] / (o[..., V:] + eps) if normalize else o[..., :V]
     o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
-    return o.to(out_dtype), (S, z)
+    return o.to(out_dtype), (S[..., :V], S[..., V])
 
 
 # ----------------------------------------------------------------------------- Triton kernels

@@ -236,7 +236,7 @@ class Attention(nn.Module):
         return y.transpose(1, 2)
 
     def linear_attention(self, x, q, k, v, cos, sin, cache):  # -> (B, T, H, D)
-        from kernel import lawcat_attention, lawcat_step
+        from kernel import lawcat_attention, lawcat_step  # here: the teacher alone runs without Triton
         cfg, p = self.cfg, self.lawcat
         B, T, H, D = q.shape
         G = H // cfg.n_kv_heads
