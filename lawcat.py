@@ -398,9 +398,21 @@ def teacher_logits(model, tokens):
         return model(tokens)
 
 
+def is_new(name):
+    """A tensor name that is not a teacher weight: LAWCAT's parameters and LoRA factors."""
+    return ".lawcat." in name or ".lora_" in name
+
+
 def new_parameters(model):
-    """Everything that is not a teacher weight: LAWCAT's parameters and LoRA factors, by name."""
-    return {n: p for n, p in model.named_parameters() if ".lawcat." in n or ".lora_" in n}
+    return {n: p for n, p in model.named_parameters() if is_new(n)}
+
+
+def attach_student(model, params, source):
+    """Turn a loaded teacher into the student whose new weights are `params` (name -> tensor)."""
+    convert_to_lawcat(model, verbose=False)
+    if any(".lora_" in k for k in params):
+        add_lora(model)
+    load_new_parameters(model, params, source)
 
 
 def distill_loss(model):
@@ -699,7 +711,7 @@ def load_model(init, device="cpu", dtype=None, **overrides):
             if not (path / f).exists():
                 raise UserError(f"{path / f}: missing weight file; download the full model directory again")
             tensors.update(read_safetensors(path / f))
-        lawcat_params = {k: tensors.pop(k) for k in list(tensors) if ".lawcat." in k or ".lora_" in k}
+        lawcat_params = {k: tensors.pop(k) for k in list(tensors) if is_new(k)}
         overrides = {**c.get("lawcat", {}), **overrides}
         tokenizer = load_tokenizer(path)
     elif (path / "params.json").exists():
@@ -724,10 +736,7 @@ def load_model(init, device="cpu", dtype=None, **overrides):
     if inv_freq_factors is not None:
         model.inv_freq = model.inv_freq / inv_freq_factors.float()
     if fmt == "hf" and lawcat_params:  # an exported student: convert, then load its own weights
-        convert_to_lawcat(model, verbose=False)
-        if any(".lora_" in k for k in lawcat_params):
-            add_lora(model)
-        load_new_parameters(model, lawcat_params, path)
+        attach_student(model, lawcat_params, path)
     model.eval()
     return model, tokenizer, path
 
@@ -774,7 +783,7 @@ def save_meta_dir(model, path):
     cfg, path = model.cfg, Path(path)
     check_exportable(model)
     path.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.clone() for k, v in model.state_dict().items() if ".lawcat." not in k and ".lora_" not in k}
+    sd = {k: v.clone() for k, v in model.state_dict().items() if not is_new(k)}
     for i in range(cfg.n_layers):
         for name, h in (("wq", cfg.n_heads), ("wk", cfg.n_kv_heads)):
             k = f"layers.{i}.attention.{name}.weight"
@@ -1133,7 +1142,7 @@ def teacher_fingerprint(model):
     bf16 so the same teacher loaded in fp32 (CPU) or bf16 (GPU) has the same fingerprint."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        if ".lawcat." in name or ".lora_" in name:
+        if is_new(name):
             continue
         flat = t.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)].to(torch.bfloat16).float().cpu().numpy()
@@ -1179,10 +1188,7 @@ def load_student(path, device="cpu", dtype=None, teacher=None):
     if fp != ckpt["fingerprint"]:
         raise UserError(f"{path}: was distilled from a teacher with fingerprint {ckpt['fingerprint']}, but "
                         f"{teacher or ckpt['teacher']} has {fp}; pass the teacher it was trained on")
-    convert_to_lawcat(model, verbose=False)
-    if any(".lora_" in k for k in ckpt["params"]):
-        add_lora(model)
-    load_new_parameters(model, ckpt["params"], path)
+    attach_student(model, ckpt["params"], path)
     model.eval()
     return model, tokenizer, ckpt
 

@@ -33,15 +33,9 @@ import torch.nn.functional as F  # noqa: E402
 import lawcat as L  # noqa: E402
 import sample as S  # noqa: E402
 import train as T  # noqa: E402
-from kernel import chunked_torch, lawcat_attention, lawcat_step, naive_lawcat  # noqa: E402
+from kernel import chunked_torch, lawcat_attention, lawcat_step, naive_lawcat, rel_err  # noqa: E402
 
 HERE = Path(__file__).parent
-
-
-def rel_err(x, ref):
-    """RMSE(x - ref) / RMS(ref): scale-free, so one tolerance fits any magnitude."""
-    x, ref = x.double(), ref.double()
-    return ((x - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 def package_file(pkg, rel):

@@ -125,11 +125,8 @@ def load_tokens(sources, tok, cache_dir, log=print):
                     ids += tok.encode(doc, bos=None, eos=True)
         arr = np.array(ids, dtype=dtype)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = bin_path.with_suffix(f".tmp{os.getpid()}")
-        arr.tofile(tmp)
-        os.replace(tmp, bin_path)
-        tmp.with_suffix(".json").write_text(json.dumps({**manifest, "n_tokens": len(arr)}, indent=1))
-        os.replace(tmp.with_suffix(".json"), manifest_path)
+        L.atomic_write(bin_path, arr.tofile)  # tokens first, then the manifest that vouches for them
+        L.atomic_write(manifest_path, lambda f: f.write(json.dumps({**manifest, "n_tokens": len(arr)}, indent=1).encode()))
         log(f"data: tokenized {len(sources)} files into {len(arr):,} tokens in {time.time() - t0:.1f}s -> {bin_path}")
     n = json.loads(manifest_path.read_text())["n_tokens"]
     if n == 0:
