@@ -6,6 +6,7 @@ long-context retrieval (passkey, S-NIAH-1/2/3, BABILong QA2/QA3) and prefill/dec
     python sample.py --teacher --chat --prompt "Hi!"       # the plain teacher (--init picks its weights)
     python sample.py --passkey [--lengths 1K,4K --depths 0.1,0.5,0.9 --trials 4]
     python sample.py --niah | --babilong                   # student and teacher side by side
+    python sample.py --ppl [--lengths 1K,4K]               # held-out perplexity, student and teacher
     python sample.py --bench [--random-model llama3.2-1b]  # speed/memory; random weights of a preset shape
 
 Evaluation prompts are raw text (no chat template) laid out as in shared/notes/teacher_passkey.md.
@@ -13,11 +14,16 @@ The model continues "... The pass key is" greedily and stops at a newline, a sto
 first word is complete. Scoring is exact: the first whitespace-separated word of the output, with
 surrounding .,;:!?"'() stripped, must equal the answer (case-insensitive). For the key 12345,
 " 12345. Remember it" scores 1; "12346", "123456" and "the pass key" score 0. The teacher runs up
-to its trained context (cfg.max_seq_len); longer rows are student-only. On CPU, lengths over 8K are
-skipped unless --force.
+to its trained context (cfg.max_seq_len) unless --past-context; longer rows are student-only. On CPU,
+lengths over 8K are skipped unless --force.
+
+--ppl: exp(mean next-token loss) over --trials disjoint windows of length+1 tokens of held-out text
+(docstrings of the standard library's Python files, which the default distillation corpus does not
+contain), every position of a window scored; same JSON with task "ppl", subtask "ppl", depth "all"
+and the perplexity in place of an accuracy.
 
 JSON from --passkey/--niah/--babilong (default path: next to the checkpoint, <task>_<ckpt stem>.json):
-    {"task": "passkey" | "niah" | "babilong",
+    {"task": "passkey" | "niah" | "babilong" | "ppl",
      "model": {"student": checkpoint path or null, "teacher": teacher weights},
      "lengths": [1024, ...], "depths": ["0.1", ...] (["all"] for babilong), "trials": 4,
      "results": {"student": {subtask: {"1024": {"0.1": accuracy in [0, 1], or null if not run}}},
@@ -27,10 +33,12 @@ JSON from --passkey/--niah/--babilong (default path: next to the checkpoint, <ta
      "meta": {"device", "dtype", "teacher_context", "seconds", "argv"}}
 """
 import argparse
+import ast
 import contextlib
 import functools
 import glob
 import json
+import math
 import os
 import random
 import re
@@ -55,7 +63,7 @@ Q_NIAH = "What is the special magic {kind} for {word} mentioned in the provided 
 A_NIAH = "The special magic {kind} for {word} mentioned in the provided text is"
 WORDS = ("apple river lantern violet harbor thunder marble falcon pepper cactus meadow compass glacier "
          "saffron anchor orchid quartz walnut ember canyon").split()
-SUBTASKS = {"passkey": ["passkey"], "niah": ["niah1", "niah2", "niah3"], "babilong": ["qa2", "qa3"]}
+SUBTASKS = {"passkey": ["passkey"], "niah": ["niah1", "niah2", "niah3"], "babilong": ["qa2", "qa3"], "ppl": ["ppl"]}
 MAX_NEW = {"passkey": 10, "niah1": 12, "niah2": 12, "niah3": 40, "qa2": 6, "qa3": 6}  # new tokens, at most
 
 
@@ -72,6 +80,25 @@ def prose():
             if len(p) >= 80 and "::=" not in p and ">>>" not in p and letters >= 0.9 * len(p):
                 out += [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", p) if len(s) > 20]
     return out
+
+
+@functools.cache
+def held_out_text():
+    """Docstrings (>= 200 chars) of the standard library's Python files, in path order: English the default
+    distillation corpus does not contain (its pydoc_data help topics are left out here). Parsed, not imported."""
+    lib = Path(json.__file__).parent.parent
+    skip = {"test", "tests", "idlelib", "pydoc_data", "site-packages", "dist-packages", "lib2to3", "turtledemo"}
+    docs = []
+    for f in sorted(lib.glob("*.py")) + sorted(lib.glob("*/*.py")):
+        if skip & set(f.relative_to(lib).parts) or f.name.startswith("test"):
+            continue
+        try:
+            tree = ast.parse(f.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+        docs += [d for n in ast.walk(tree) if isinstance(n, nodes) and len(d := ast.get_docstring(n) or "") >= 200]
+    return "\n\n".join(docs)
 
 
 def fit(tok, render, target):
@@ -209,16 +236,18 @@ def answer(model, tok, ids, max_new):
     return tok.decode(out).lstrip("\n").split("\n")[0]
 
 
-def skip_reason(name, length, model, device, force):
-    if name == "teacher" and length > model.cfg.max_seq_len:
+def skip_reason(name, length, model, device, force, past_context=False):
+    if name == "teacher" and length > model.cfg.max_seq_len and not past_context:
         return f"n/a (> trained context {model.cfg.max_seq_len})"
     if str(device) == "cpu" and length > 8192 and not force:
         return "skipped on CPU (> 8K; --force runs it)"
     return None
 
 
-def evaluate(task, runners, tok, lengths, depths, trials, device="cpu", force=False):
+def evaluate(task, runners, tok, lengths, depths, trials, device="cpu", force=False, past_context=False):
     """runners: [(name, model, context manager)]. Returns the JSON dict less "model" and "meta"."""
+    if task == "ppl":
+        return evaluate_ppl(runners, tok, lengths, trials, device, force, past_context)
     depths = ["all"] if task == "babilong" else [str(d) for d in depths]
     res = dict(task=task, lengths=lengths, depths=depths, trials=trials, results={}, notes={}, samples=[])
     for name, model, ctx in runners:
@@ -226,7 +255,7 @@ def evaluate(task, runners, tok, lengths, depths, trials, device="cpu", force=Fa
             for sub in SUBTASKS[task]:
                 for n in lengths:
                     row = res["results"].setdefault(name, {}).setdefault(sub, {})[str(n)] = dict.fromkeys(depths)
-                    why, t0 = skip_reason(name, n, model, device, force), time.time()
+                    why, t0 = skip_reason(name, n, model, device, force, past_context), time.time()
                     if why:
                         res["notes"].setdefault(name, {})[str(n)] = why
                         continue
@@ -242,6 +271,37 @@ def evaluate(task, runners, tok, lengths, depths, trials, device="cpu", force=Fa
     return res
 
 
+@torch.no_grad()
+def perplexity(model, windows):
+    """exp(mean next-token cross-entropy) over the windows, (N, T + 1) token ids, one forward each."""
+    nll = 0.0
+    for w in windows:
+        logits = model(w[None, :-1])[0].float()  # (T, V)
+        nll += torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum").item()
+    return math.exp(nll / windows[:, 1:].numel())
+
+
+def evaluate_ppl(runners, tok, lengths, n_windows, device, force, past_context):
+    """Held-out perplexity by window length, in evaluate()'s dict shape (subtask "ppl", depth "all")."""
+    ids = tok.encode(held_out_text(), bos=False)
+    res = dict(task="ppl", lengths=lengths, depths=["all"], trials=n_windows, results={}, notes={}, samples=[])
+    for name, model, ctx in runners:
+        with ctx(model):
+            for n in lengths:
+                row = res["results"].setdefault(name, {}).setdefault("ppl", {})[str(n)] = {"all": None}
+                why, t0 = skip_reason(name, n, model, device, force, past_context), time.time()
+                if why:
+                    res["notes"].setdefault(name, {})[str(n)] = why
+                    continue
+                if len(ids) < n_windows * (n + 1):
+                    raise L.UserError(f"--ppl: the held-out text has {len(ids):,} tokens, fewer than {n_windows} windows of "
+                                      f"{n + 1}; lower --trials or --lengths")
+                windows = torch.tensor(ids[:n_windows * (n + 1)], device=device).view(n_windows, n + 1)
+                row["all"] = perplexity(model, windows)
+                print(f"  {name:7s} ppl     {n:6d}: {row['all']:.3f}  ({time.time() - t0:.1f} s)", flush=True)
+    return res
+
+
 def avg(row):
     vals = [v for v in row.values() if v is not None]
     return sum(vals) / len(vals) if vals else None
@@ -253,6 +313,15 @@ def pct(x):
 
 def print_tables(res):
     lengths, depths, names = res["lengths"], res["depths"], list(res["results"])
+    if res["task"] == "ppl":
+        print(f"\nheld-out perplexity, {res['trials']} windows per length" + (", student / teacher" if len(names) > 1 else ""))
+        print("| length | " + " | ".join(names) + (" | ratio |" if len(names) > 1 else " |"))
+        for n in lengths:
+            ppl = [res["results"][name]["ppl"][str(n)]["all"] for name in names]
+            cells = ["n/a" if p is None else f"{p:.3f}" for p in ppl]
+            ratio = [f"{ppl[0] / ppl[1]:.3f}" if None not in ppl else "-"] if len(names) > 1 else []
+            print(f"| {n:6d} | " + " | ".join(cells + ratio) + " |")
+        return
     for name in names if len(depths) > 1 else []:  # length x depth, per model and subtask
         for sub, rows in res["results"][name].items():
             print(f"\n{sub}, {name}: exact-match accuracy, {res['trials']} trial(s) per cell")
@@ -276,6 +345,8 @@ def print_tables(res):
 
 def heatmap(res, path):
     """A length x depth heatmap per model and subtask, if matplotlib is installed (it is optional)."""
+    if res["task"] == "ppl":
+        return None
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -436,9 +507,9 @@ def load(args, device, dtype):
 
 def run_eval(args, task, runners, tok, paths, lengths, depths, device):
     model, t0 = runners[0][1], time.time()
-    trials = args.trials or (20 if task == "babilong" else 4)
+    trials = args.trials or {"babilong": 20, "ppl": 16}.get(task, 4)
     print(f"{task} on {device}; the teacher's trained context is {model.cfg.max_seq_len} tokens", flush=True)
-    res = evaluate(task, runners, tok, lengths, depths, trials, device, args.force)
+    res = evaluate(task, runners, tok, lengths, depths, trials, device, args.force, args.past_context)
     res["model"] = paths
     res["meta"] = dict(device=str(device), dtype=str(model.tok_embeddings.weight.dtype),
                        teacher_context=model.cfg.max_seq_len, seconds=round(time.time() - t0, 1), argv=args.argv)
@@ -450,7 +521,7 @@ def run_eval(args, task, runners, tok, paths, lengths, depths, device):
     keys = ("task", "model", "lengths", "depths", "trials", "results", "notes", "samples", "meta")
     out.write_text(json.dumps({k: res[k] for k in keys}, indent=1))
     png = heatmap(res, out.with_suffix(".png"))
-    print(f"\nwrote {out}" + (f" and {png}" if png else " (a heatmap too when matplotlib is installed)"))
+    print(f"\nwrote {out}" + (f" and {png}" if png else "" if task == "ppl" else " (a heatmap too when matplotlib is installed)"))
 
 
 def run_generate(args, runners, tok, paths):
@@ -484,14 +555,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     mode = p.add_mutually_exclusive_group()
     for m, what in (("passkey", "passkey retrieval"), ("niah", "S-NIAH-1/2/3"), ("babilong", "BABILong-style QA2/QA3"),
-                    ("bench", "prefill/decode speed and memory against context length")):
+                    ("ppl", "held-out perplexity"), ("bench", "prefill/decode speed and memory against context length")):
         mode.add_argument(f"--{m}", action="store_true", help=what)
     p.add_argument("--lengths", help="e.g. 1K,2K,4096 (default: passkey/niah 1K..32K, babilong 0..16K, bench 1K..64K, "
                                      "on CPU 256..2K)")
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
-    p.add_argument("--trials", type=int, help="per cell (default: 4, babilong 20)")
+    p.add_argument("--trials", type=int, help="per cell (default: 4, babilong 20); --ppl: windows per length (16)")
     p.add_argument("--json", help="results file (default: next to the checkpoint)")
     p.add_argument("--force", action="store_true", help="run lengths over 8K on CPU too")
+    p.add_argument("--past-context", action="store_true", help="evaluate the teacher past its trained context too")
     p.add_argument("--random-model", help="--bench random weights of a preset's shape, e.g. llama3.2-1b")
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -510,7 +582,7 @@ def main(argv=None):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[args.dtype]
         task = next((t for t in SUBTASKS if getattr(args, t)), None)
         default = ("256,512,1K,2K" if device.type == "cpu" else "1K,2K,4K,8K,16K,32K,64K") if args.bench else \
-            "0,1K,2K,4K,8K,16K" if task == "babilong" else "1K,2K,4K,8K,16K,32K"
+            "0,1K,2K,4K,8K,16K" if task == "babilong" else "1K,4K" if task == "ppl" else "1K,2K,4K,8K,16K,32K"
         lengths, depths = parse_lengths(args.lengths or default), parse_depths(args.depths)
         runners, tok, paths = load(args, device, dtype)
         if args.bench:

@@ -265,13 +265,6 @@ def smol():
     return L.load_model("smollm2-135m")
 
 
-def held_out_text():
-    """English prose outside the default distillation corpus: docstrings of a few stdlib modules."""
-    import collections
-    parts = (argparse, collections, json, subprocess, json.dumps, json.loads, subprocess.run, subprocess.Popen)
-    return "\n\n".join(inspect.getdoc(m) for m in parts)
-
-
 @needs_smol
 def test_smollm2_teacher_chat_and_perplexity(smol):
     model, tok, _ = smol
@@ -279,7 +272,7 @@ def test_smollm2_teacher_chat_and_perplexity(smol):
     prompt = tok.chat_prompt("What is the capital of France?")
     answer = tok.decode(list(L.generate(model, prompt, 12, stop_ids=tok.stop_ids)))
     assert "Paris" in answer, answer
-    ids = tok.encode(held_out_text())[:512]
+    ids = tok.encode(S.held_out_text())[:512]
     with torch.no_grad():
         logits = model(torch.tensor([ids]))
     ppl = math.exp(torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor(ids[1:])).item())
@@ -1052,6 +1045,28 @@ def test_evaluate_json_shape_and_teacher_limit(tmp_path):
     S.print_tables(res)
     res = S.evaluate("babilong", runners[1:], tok, [0], [0.5], 1, "cpu")
     assert res["depths"] == ["all"] and set(res["results"]["teacher"]) == {"qa2", "qa3"}
+
+
+def test_perplexity_exact_on_known_models_and_past_context_flag():
+    tok, model = ByteTok(), tiny_model(257, student=True, max_seq_len=300)
+    text = S.held_out_text()
+    assert len(text) > 200_000 and "pydoc_data" not in text
+    runners = [("student", model, S.contextlib.nullcontext), ("teacher", model, L.as_teacher)]
+    res = S.evaluate("ppl", runners, tok, [64, 512], [0.5], 3, "cpu")
+    assert res["notes"] == {"teacher": {"512": "n/a (> trained context 300)"}}
+    assert res["results"]["teacher"]["ppl"]["512"] == {"all": None}
+    ids = torch.tensor(tok.encode(text)[:3 * 65]).view(3, 65)
+    nll = [torch.nn.functional.cross_entropy(model(w[None, :-1])[0], w[1:], reduction="none") for w in ids]
+    assert abs(res["results"]["student"]["ppl"]["64"]["all"] - torch.cat(nll).mean().exp().item()) < 1e-3
+    with torch.no_grad():  # a zero output head: uniform logits, perplexity exactly the vocabulary size
+        model.output.weight.zero_()
+    with L.as_teacher(model):
+        assert abs(S.perplexity(model, ids) - 257) < 1e-3
+    res = S.evaluate("ppl", runners[1:], tok, [512], [0.5], 1, "cpu", past_context=True)
+    assert res["notes"] == {} and abs(res["results"]["teacher"]["ppl"]["512"]["all"] - 257) < 1e-3
+    S.print_tables(res)
+    with pytest.raises(L.UserError, match="fewer than"):
+        S.evaluate("ppl", runners[:1], tok, [200_000], [0.5], 16, "cpu", force=True)
 
 
 def test_main_writes_json_with_documented_keys(tmp_path, monkeypatch, smol_tok):
