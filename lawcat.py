@@ -1171,6 +1171,13 @@ def save_student(path, model, teacher_path, **extra):
     atomic_save(ckpt, path)
 
 
+def recorded_teacher(ckpt):
+    """The teacher a student checkpoint names: the path it was trained from, or, where that path is not on this
+    machine (a checkpoint copied from a GPU box), the preset it was trained as. The fingerprint decides."""
+    preset = (ckpt.get("args") or {}).get("init")
+    return preset if not Path(ckpt["teacher"]).exists() and preset in PRESETS else ckpt["teacher"]
+
+
 def load_student(path, device="cpu", dtype=None, teacher=None):
     """(model, tokenizer, ckpt). The teacher comes from the path recorded in the checkpoint (or
     `teacher`), and must have the fingerprint recorded there."""
@@ -1183,11 +1190,12 @@ def load_student(path, device="cpu", dtype=None, teacher=None):
     if not isinstance(ckpt, dict) or "params" not in ckpt:
         raise UserError(f"{path}: not a lawcat student checkpoint (no 'params')")
     switches = {k: v for k, v in ckpt["config"].items() if k in LAWCAT_FIELDS}
-    model, tokenizer, _ = load_model(teacher or ckpt["teacher"], device, dtype, **switches)
+    teacher = teacher or recorded_teacher(ckpt)
+    model, tokenizer, _ = load_model(teacher, device, dtype, **switches)
     fp = teacher_fingerprint(model)
     if fp != ckpt["fingerprint"]:
         raise UserError(f"{path}: was distilled from a teacher with fingerprint {ckpt['fingerprint']}, but "
-                        f"{teacher or ckpt['teacher']} has {fp}; pass the teacher it was trained on")
+                        f"{teacher} has {fp}; pass the teacher it was trained on")
     attach_student(model, ckpt["params"], path)
     model.eval()
     return model, tokenizer, ckpt

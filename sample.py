@@ -489,7 +489,7 @@ def load(args, device, dtype):
         recorded = None
         if not args.init and ckpt and ckpt.exists():  # the teacher this checkpoint was distilled from
             try:
-                recorded = torch.load(ckpt, map_location="cpu", weights_only=True)["teacher"]
+                recorded = L.recorded_teacher(torch.load(ckpt, map_location="cpu", weights_only=True))
             except Exception as e:
                 raise L.UserError(f"{ckpt}: not a readable lawcat checkpoint ({e.__class__.__name__}); "
                                   f"pass --init with the teacher's weights") from None

@@ -507,6 +507,16 @@ def test_student_checkpoint_round_trip_export_and_wrong_teacher(tmp_path):
         L.load_student(tmp_path / "missing.pt")
 
 
+def test_checkpoint_from_another_machine_finds_its_preset_teacher(tmp_path):
+    gone = str(tmp_path / "gpu-box" / "SmolLM2.gguf")  # the teacher's path where it was trained
+    assert L.recorded_teacher(dict(teacher=gone, args=dict(init="smollm2-135m"))) == "smollm2-135m"
+    assert L.recorded_teacher(dict(teacher=gone, args=dict(init="/elsewhere/m.gguf"))) == gone  # the error names it
+    assert L.recorded_teacher(dict(teacher=gone)) == gone
+    (tmp_path / "here.gguf").touch()
+    here = str(tmp_path / "here.gguf")
+    assert L.recorded_teacher(dict(teacher=here, args=dict(init="smollm2-135m"))) == here
+
+
 # ----------------------------------------------------------------------------------------------
 # GGUF reader and tokenizers
 

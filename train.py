@@ -384,7 +384,7 @@ def lawcat_overrides(args):
 def train(args, model=None, tokenizer=None, on_step=None):
     """Run the stages args asks for. model/tokenizer: a teacher already built (tests); else --init.
     Returns "done" or "interrupted"; raises L.UserError on bad input or a diverged loss."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    t_run, world, rank = time.time(), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -455,6 +455,7 @@ def train(args, model=None, tokenizer=None, on_step=None):
             log(f"stage 2: already done in {ck[2]}")
         else:
             status = run_stage(2, model, data, args, ctx, ckpt, on_step)
+    log(f"{status}: {fmt_time(time.time() - t_run)} in all, loading and tokenizing included")
     if world > 1:
         dist.destroy_process_group()
     return status
