@@ -524,12 +524,15 @@ def write_safetensors(tensors, path, metadata=None):
 def atomic_write(path, write_fn):
     """Write to a temp file next to `path`, fsync, then rename: a crash never leaves half a file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write_fn(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: runs sharing a cache never mix bytes
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # a failed write leaves nothing behind
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_save(obj, path):

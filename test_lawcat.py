@@ -1297,6 +1297,14 @@ def test_data_cache_rebuilt_only_when_source_changes(tmp_path):
         eos_id = 256
     t4 = T.load_tokens(sources, OtherTokenizer(), cache, log=lambda *a: None)
     assert t4[-1] == 256 and len(list(cache.glob("*.bin"))) == 2
+    (tmp_path / "b.txt").write_text("second file")  # documents in path order, each closed by EOS
+    t5 = T.load_tokens(T.find_sources([str(tmp_path / "*.txt")]), tok, cache, log=lambda *a: None)
+    assert t5.tolist() == list(b"goodbye " * 10) + [tok.eos_id] + list(b"second file") + [tok.eos_id]
+    (tmp_path / "c.txt").write_bytes(b"\xff\xfe not UTF-8")  # fails midway: nothing half-written is left
+    before = sorted(p.name for p in cache.iterdir())
+    with pytest.raises(L.UserError, match="c.txt: not UTF-8|c.txt"):
+        T.load_tokens(T.find_sources([str(tmp_path / "*.txt")]), tok, cache, log=lambda *a: None)
+    assert sorted(p.name for p in cache.iterdir()) == before
 
 
 def test_passkey_sequences(tmp_path):

@@ -118,16 +118,20 @@ def load_tokens(sources, tok, cache_dir, log=print):
     except (OSError, ValueError, KeyError):
         fresh = False
     if not fresh:
-        t0, ids = time.time(), []
-        for p, k in sources:
-            for doc in read_documents(p, k):
-                if doc.strip():
-                    ids += tok.encode(doc, bos=None, eos=True)
-        arr = np.array(ids, dtype=dtype)
+        t0, n = time.time(), 0
+
+        def write(f):  # a document at a time: a Python list of all the ids would take 36 bytes a token
+            nonlocal n
+            for p, k in sources:
+                for doc in read_documents(p, k):
+                    if doc.strip():
+                        ids = np.asarray(tok.encode(doc, bos=None, eos=True), dtype=dtype)
+                        ids.tofile(f)
+                        n += len(ids)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        L.atomic_write(bin_path, arr.tofile)  # tokens first, then the manifest that vouches for them
-        L.atomic_write(manifest_path, lambda f: f.write(json.dumps({**manifest, "n_tokens": len(arr)}, indent=1).encode()))
-        log(f"data: tokenized {len(sources)} files into {len(arr):,} tokens in {time.time() - t0:.1f}s -> {bin_path}")
+        L.atomic_write(bin_path, write)  # tokens first, then the manifest that vouches for them
+        L.atomic_write(manifest_path, lambda f: f.write(json.dumps({**manifest, "n_tokens": n}, indent=1).encode()))
+        log(f"data: tokenized {len(sources)} files into {n:,} tokens in {time.time() - t0:.1f}s -> {bin_path}")
     n = json.loads(manifest_path.read_text())["n_tokens"]
     if n == 0:
         raise L.UserError(f"no text to train on in {', '.join(str(p) for p, _ in sources[:3])}"
