@@ -146,12 +146,15 @@ class Linear(nn.Linear):
         self.lora_scale = alpha / rank
 
     lora_on = True  # teacher_logits() switches LoRA off to get the untouched teacher back
+    merged = None   # W + (alpha / r) B A, set by merge_lora() for inference
 
     def forward(self, x):
+        if not (hasattr(self, "lora_A") and self.lora_on):
+            return F.linear(x, self.weight)
+        if self.merged is not None and not torch.is_grad_enabled():  # one matmul, not three: decode is launch-bound
+            return F.linear(x, self.merged)
         y = F.linear(x, self.weight)
-        if hasattr(self, "lora_A") and self.lora_on:
-            y = y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.lora_scale
-        return y
+        return y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.lora_scale
 
 
 def causal_conv(x, w, cache=None):
@@ -160,7 +163,10 @@ def causal_conv(x, w, cache=None):
     if cache is None:
         cache = x.new_zeros(x.shape[0], K - 1, x.shape[2])
     xp = torch.cat([cache.to(x.dtype), x], dim=1)  # (B, K-1+T, C)
-    y = F.conv1d(xp.transpose(1, 2), w.to(x.dtype).unsqueeze(1), groups=w.shape[0]).transpose(1, 2)
+    if x.shape[1] == 1:  # a decode step: one weighted sum is far cheaper than a conv call
+        y = (xp * w.t().to(x.dtype)).sum(1, keepdim=True)
+    else:
+        y = F.conv1d(xp.transpose(1, 2), w.to(x.dtype).unsqueeze(1), groups=w.shape[0]).transpose(1, 2)
     return y, xp[:, xp.shape[1] - (K - 1):].clone()  # a copy: a view would keep all of xp alive in the cache
 
 
@@ -376,6 +382,15 @@ def add_lora(model):
                 lin.add_lora(model.cfg.lora_rank, model.cfg.lora_alpha)
                 lin.lora_A.data, lin.lora_B.data = lin.lora_A.data.to(lin.weight.device), lin.lora_B.data.to(lin.weight.device)
     return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+def merge_lora(model):
+    """For inference: each LoRA layer keeps W + (alpha / r) B A beside the untouched W (which as_teacher()
+    still uses), so a no-grad forward costs one matmul per projection. Call it again after changing LoRA."""
+    for m in model.modules():
+        if isinstance(m, Linear) and hasattr(m, "lora_A"):
+            delta = (m.lora_B.float() @ m.lora_A.float()) * m.lora_scale
+            m.merged = (m.weight.float() + delta.to(m.weight.device)).to(m.weight.dtype)
 
 
 @contextlib.contextmanager
@@ -1182,8 +1197,8 @@ def recorded_teacher(ckpt):
 
 
 def load_student(path, device="cpu", dtype=None, teacher=None):
-    """(model, tokenizer, ckpt). The teacher comes from the path recorded in the checkpoint (or
-    `teacher`), and must have the fingerprint recorded there."""
+    """(model, tokenizer, ckpt), for inference (eval mode, LoRA merged). The teacher comes from the path
+    recorded in the checkpoint (or `teacher`), and must have the fingerprint recorded there."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -1200,6 +1215,7 @@ def load_student(path, device="cpu", dtype=None, teacher=None):
         raise UserError(f"{path}: was distilled from a teacher with fingerprint {ckpt['fingerprint']}, but "
                         f"{teacher} has {fp}; pass the teacher it was trained on")
     attach_student(model, ckpt["params"], path)
+    merge_lora(model)
     model.eval()
     return model, tokenizer, ckpt
 
