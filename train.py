@@ -8,7 +8,7 @@ Distill a pretrained Llama into LAWCAT in two stages (the recipe of LoLCATs, whi
            next-token prediction (--loss ce), the teacher's distribution (kl), or both (mix).
 
   python train.py                                    # SmolLM2-135M on the built-in offline corpus
-  python train.py --init llama3.2-1b --data 'books/*.txt' --passkey-frac 0.1
+  python train.py --init llama3.2-1b --data 'books/*.txt'
   python train.py --no-gate --out out/no-gate        # an ablation
   torchrun --nproc_per_node=8 train.py --init llama3.2-1b
   python train.py --resume                           # after Ctrl-C: continues bit for bit
