@@ -192,6 +192,13 @@ class LawcatParams(nn.Module):
         return torch.cat([xa.softmax(-1), (-xa).softmax(-1)], dim=-1)
 
 
+def repeat_kv(x, G):
+    """(B, T, H_kv, D) -> (B, T, H_kv * G, D), query head h reading kv head h // G (GQA); one copy, where
+    repeat_interleave launches five small kernels, which a decode step feels."""
+    B, T, Hkv, D = x.shape
+    return x[:, :, :, None].expand(B, T, Hkv, G, D).reshape(B, T, Hkv * G, D)
+
+
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -246,7 +253,7 @@ class Attention(nn.Module):
         cfg, p = self.cfg, self.lawcat
         B, T, H, D = q.shape
         G = H // cfg.n_kv_heads
-        k, v = k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2)  # GQA: kv head h // G
+        k, v = repeat_kv(k, G), repeat_kv(v, G)
         if cfg.conv:
             qc, kc = (cache.get("q_conv"), cache.get("k_conv")) if cache is not None else (None, None)
             q, qc = causal_conv(q.reshape(B, T, H * D), p.conv_q, qc)
@@ -259,7 +266,7 @@ class Attention(nn.Module):
         fq, fk = p.phi(q), p.phi(k)  # (B, T, H, D) fp32, non-negative
         if cfg.gate:  # per-kv-head, per-key-channel decay from the layer input, log-space for the kernel
             g = F.linear(F.linear(x.float(), p.gate_down.float()), p.gate_up.float(), p.gate_bias.float())
-            g = (F.logsigmoid(g) / cfg.gate_norm).view(B, T, cfg.n_kv_heads, D).repeat_interleave(G, dim=2)
+            g = repeat_kv((F.logsigmoid(g) / cfg.gate_norm).view(B, T, cfg.n_kv_heads, D), G)
         else:
             g = torch.zeros_like(fk)
         dt = v.dtype  # features and gates stay fp32 on CPU; bf16 on GPU halves the kernel's reads
