@@ -151,8 +151,9 @@ class Linear(nn.Linear):
     def forward(self, x):
         if not (hasattr(self, "lora_A") and self.lora_on):
             return F.linear(x, self.weight)
-        if self.merged is not None and not torch.is_grad_enabled():  # one matmul, not three: decode is launch-bound
-            return F.linear(x, self.merged)
+        m = self.merged
+        if m is not None and not torch.is_grad_enabled() and m.dtype == x.dtype and m.device == x.device:
+            return F.linear(x, m)  # one matmul, not three: decode is launch-bound
         y = F.linear(x, self.weight)
         return y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.lora_scale
 
@@ -163,8 +164,8 @@ def causal_conv(x, w, cache=None):
     if cache is None:
         cache = x.new_zeros(x.shape[0], K - 1, x.shape[2])
     xp = torch.cat([cache.to(x.dtype), x], dim=1)  # (B, K-1+T, C)
-    if x.shape[1] == 1:  # a decode step: one weighted sum is far cheaper than a conv call
-        y = (xp * w.t().to(x.dtype)).sum(1, keepdim=True)
+    if x.shape[1] == 1:  # a decode step: one weighted sum (fp32, as conv1d accumulates) instead of a conv call
+        y = (xp.float() * w.t().float()).sum(1, keepdim=True).to(x.dtype)
     else:
         y = F.conv1d(xp.transpose(1, 2), w.to(x.dtype).unsqueeze(1), groups=w.shape[0]).transpose(1, 2)
     return y, xp[:, xp.shape[1] - (K - 1):].clone()  # a copy: a view would keep all of xp alive in the cache
@@ -381,6 +382,7 @@ def convert_to_lawcat(model, verbose=True):
 
 def add_lora(model):
     """Stage 2: LoRA on q, k, v, o of every layer; only the LoRA factors train."""
+    unmerge_lora(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in model.layers:
@@ -389,6 +391,13 @@ def add_lora(model):
                 lin.add_lora(model.cfg.lora_rank, model.cfg.lora_alpha)
                 lin.lora_A.data, lin.lora_B.data = lin.lora_A.data.to(lin.weight.device), lin.lora_B.data.to(lin.weight.device)
     return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+def unmerge_lora(model):
+    """Drop the merged copies (new LoRA weights make them stale)."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.merged = None
 
 
 def merge_lora(model):
@@ -1176,6 +1185,7 @@ def teacher_fingerprint(model):
 
 
 def load_new_parameters(model, params, source):
+    unmerge_lora(model)
     own = new_parameters(model)
     params = {k.removeprefix("model."): v for k, v in params.items()}
     missing, extra = set(own) - set(params), set(params) - set(own)

@@ -30,7 +30,7 @@ JSON from --passkey/--niah/--babilong (default path: next to the checkpoint, <ta
                  "teacher": {...}},        # subtasks: passkey | niah1 niah2 niah3 | qa2 qa3
      "notes": {"teacher": {"16384": "n/a (> trained context 8192)"}},   # why a row was not run
      "samples": [{"model", "subtask", "length", "depth", "trial", "tokens", "answer", "output", "correct"}],
-     "meta": {"device", "dtype", "teacher_context", "seconds", "argv"}}
+     "meta": {"device", "dtype", "teacher_context", "seconds", "argv", "python"}}
 """
 import argparse
 import ast
@@ -284,6 +284,9 @@ def perplexity(model, windows):
 def evaluate_ppl(runners, tok, lengths, n_windows, device, force, past_context):
     """Held-out perplexity by window length, in evaluate()'s dict shape (subtask "ppl", depth "all")."""
     ids = tok.encode(held_out_text(), bos=False)
+    if len(ids) < n_windows * (max(lengths) + 1):  # before anything runs
+        raise L.UserError(f"--ppl: the held-out text has {len(ids):,} tokens, fewer than {n_windows} windows of "
+                          f"{max(lengths) + 1}; lower --trials or --lengths")
     res = dict(task="ppl", lengths=lengths, depths=["all"], trials=n_windows, results={}, notes={}, samples=[])
     for name, model, ctx in runners:
         with ctx(model):
@@ -293,9 +296,6 @@ def evaluate_ppl(runners, tok, lengths, n_windows, device, force, past_context):
                 if why:
                     res["notes"].setdefault(name, {})[str(n)] = why
                     continue
-                if len(ids) < n_windows * (n + 1):
-                    raise L.UserError(f"--ppl: the held-out text has {len(ids):,} tokens, fewer than {n_windows} windows of "
-                                      f"{n + 1}; lower --trials or --lengths")
                 windows = torch.tensor(ids[:n_windows * (n + 1)], device=device).view(n_windows, n + 1)
                 row["all"] = perplexity(model, windows)
                 print(f"  {name:7s} ppl     {n:6d}: {row['all']:.3f}  ({time.time() - t0:.1f} s)", flush=True)
@@ -502,7 +502,7 @@ def load(args, device, dtype):
     runners = [("student", model, contextlib.nullcontext)]
     if not args.no_teacher:
         runners.append(("teacher", model, L.as_teacher))
-    return runners, tok, {"student": str(ckpt), "teacher": args.init or c["teacher"]}
+    return runners, tok, {"student": str(ckpt), "teacher": args.init or L.recorded_teacher(c)}
 
 
 def run_eval(args, task, runners, tok, paths, lengths, depths, device):
@@ -512,7 +512,8 @@ def run_eval(args, task, runners, tok, paths, lengths, depths, device):
     res = evaluate(task, runners, tok, lengths, depths, trials, device, args.force, args.past_context)
     res["model"] = paths
     res["meta"] = dict(device=str(device), dtype=str(model.tok_embeddings.weight.dtype),
-                       teacher_context=model.cfg.max_seq_len, seconds=round(time.time() - t0, 1), argv=args.argv)
+                       teacher_context=model.cfg.max_seq_len, seconds=round(time.time() - t0, 1), argv=args.argv,
+                       python=sys.version.split()[0])  # --ppl's held-out text is this Python's standard library
     print_tables(res)
     default = Path(paths["student"]).with_name(f"{task}_{Path(paths['student']).stem}.json") if paths["student"] \
         else Path("out") / f"{task}_teacher.json"
