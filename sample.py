@@ -244,33 +244,6 @@ def skip_reason(name, length, model, device, force, past_context=False):
     return None
 
 
-def evaluate(task, runners, tok, lengths, depths, trials, device="cpu", force=False, past_context=False):
-    """runners: [(name, model, context manager)]. Returns the JSON dict less "model" and "meta"."""
-    if task == "ppl":
-        return evaluate_ppl(runners, tok, lengths, trials, device, force, past_context)
-    depths = ["all"] if task == "babilong" else [str(d) for d in depths]
-    res = dict(task=task, lengths=lengths, depths=depths, trials=trials, results={}, notes={}, samples=[])
-    for name, model, ctx in runners:
-        with ctx(model):
-            for sub in SUBTASKS[task]:
-                for n in lengths:
-                    row = res["results"].setdefault(name, {}).setdefault(sub, {})[str(n)] = dict.fromkeys(depths)
-                    why, t0 = skip_reason(name, n, model, device, force, past_context), time.time()
-                    if why:
-                        res["notes"].setdefault(name, {})[str(n)] = why
-                        continue
-                    for d in depths:
-                        for trial in range(trials):
-                            ids, key = make_case(sub, tok, n, d, trial)
-                            out = answer(model, tok, ids, MAX_NEW[sub])
-                            res["samples"].append(dict(model=name, subtask=sub, length=n, depth=d, trial=trial,
-                                                       tokens=len(ids), answer=key, output=out, correct=score(out, key)))
-                        row[d] = sum(s["correct"] for s in res["samples"][-trials:]) / trials
-                    print(f"  {name:7s} {sub:7s} {n:6d}: " + " ".join(f"{row[d]:.2f}" for d in depths)
-                          + f"  ({time.time() - t0:.1f} s)", flush=True)
-    return res
-
-
 @torch.no_grad()
 def perplexity(model, windows):
     """exp(mean next-token cross-entropy) over the windows, (N, T + 1) token ids, one forward each."""
@@ -281,24 +254,39 @@ def perplexity(model, windows):
     return math.exp(nll / windows[:, 1:].numel())
 
 
-def evaluate_ppl(runners, tok, lengths, n_windows, device, force, past_context):
-    """Held-out perplexity by window length, in evaluate()'s dict shape (subtask "ppl", depth "all")."""
-    ids = tok.encode(held_out_text(), bos=False)
-    if len(ids) < n_windows * (max(lengths) + 1):  # before anything runs
-        raise L.UserError(f"--ppl: the held-out text has {len(ids):,} tokens, fewer than {n_windows} windows of "
-                          f"{max(lengths) + 1}; lower --trials or --lengths")
-    res = dict(task="ppl", lengths=lengths, depths=["all"], trials=n_windows, results={}, notes={}, samples=[])
+def evaluate(task, runners, tok, lengths, depths, trials, device="cpu", force=False, past_context=False):
+    """runners: [(name, model, context manager)]. Returns the JSON dict less "model" and "meta".
+    For "ppl", `trials` disjoint windows of length + 1 held-out tokens take the place of the trials."""
+    depths = ["all"] if task in ("babilong", "ppl") else [str(d) for d in depths]
+    res = dict(task=task, lengths=lengths, depths=depths, trials=trials, results={}, notes={}, samples=[])
+    if task == "ppl":
+        held = tok.encode(held_out_text(), bos=False)
+        if len(held) < trials * (max(lengths) + 1):  # before anything runs
+            raise L.UserError(f"--ppl: the held-out text has {len(held):,} tokens, fewer than {trials} windows of "
+                              f"{max(lengths) + 1}; lower --trials or --lengths")
     for name, model, ctx in runners:
         with ctx(model):
-            for n in lengths:
-                row = res["results"].setdefault(name, {}).setdefault("ppl", {})[str(n)] = {"all": None}
-                why, t0 = skip_reason(name, n, model, device, force, past_context), time.time()
-                if why:
-                    res["notes"].setdefault(name, {})[str(n)] = why
-                    continue
-                windows = torch.tensor(ids[:n_windows * (n + 1)], device=device).view(n_windows, n + 1)
-                row["all"] = perplexity(model, windows)
-                print(f"  {name:7s} ppl     {n:6d}: {row['all']:.3f}  ({time.time() - t0:.1f} s)", flush=True)
+            for sub in SUBTASKS[task]:
+                for n in lengths:
+                    row = res["results"].setdefault(name, {}).setdefault(sub, {})[str(n)] = dict.fromkeys(depths)
+                    why, t0 = skip_reason(name, n, model, device, force, past_context), time.time()
+                    if why:
+                        res["notes"].setdefault(name, {})[str(n)] = why
+                        continue
+                    if task == "ppl":
+                        windows = torch.tensor(held[:trials * (n + 1)], device=device).view(trials, n + 1)
+                        row["all"] = perplexity(model, windows)
+                    else:
+                        for d in depths:
+                            for trial in range(trials):
+                                ids, key = make_case(sub, tok, n, d, trial)
+                                out = answer(model, tok, ids, MAX_NEW[sub])
+                                res["samples"].append(dict(model=name, subtask=sub, length=n, depth=d, trial=trial,
+                                                           tokens=len(ids), answer=key, output=out,
+                                                           correct=score(out, key)))
+                            row[d] = sum(s["correct"] for s in res["samples"][-trials:]) / trials
+                    print(f"  {name:7s} {sub:7s} {n:6d}: " + " ".join(f"{row[d]:.2f}" for d in depths)
+                          + f"  ({time.time() - t0:.1f} s)", flush=True)
     return res
 
 
