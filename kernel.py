@@ -37,8 +37,8 @@ any g takes one path or the other and neither overflows. No clamp anywhere; g mu
 
 Kernels (N = T/C chunks; "parallel" = one program per (chunk, batch*head)):
   _chunk_sums   parallel: what chunk n adds to the state, U = (k exp(G_C - G))^T v, u, and its log-decay a.
-  _scan         the only sequential work, elementwise: S_n = exp(a_n) S_{n-1} + U_n (in place, 4 chunks
-                per step so loads overlap); reversed, the same kernel carries the state gradient back.
+  _scan         the only sequential work, elementwise: S_n = exp(a_n) S_{n-1} + U_n (in place, loads
+                pipelined 8 chunks ahead); reversed, the same kernel carries the state gradient back.
   _output_fwd   parallel: o and 1/(den + eps) (kept for the backward).
   _chunk_dsums  parallel: what chunk n adds to the gradient of the state entering it, (q exp(G))^T dnum.
   _grads_bwd    parallel: dq, dk, dv, dg, given S_n (recomputed in fp32 by _chunk_sums + _scan) and dS'.
@@ -56,10 +56,16 @@ Floors (bf16, B=1, H=32, K=V=64, T=64K; bytes per token and head):
   (0.32 ms at an H200's 4.2). This design moves ~1550 B (k, g, v read twice, U and S written and read
   once each in bf16): 2.4x the floor. FLOPs ~ 2KV (U) + 2KV (q S) + 2 * 2CK (A) + 2CV (A v) ~ 49 kFLOP
   -> 100 GFLOP: ~0.13 ms of tensor-core time, plus ~4 exps per (token, channel).
-Measured (H200, Triton 3.6, earlier state pass with the dot inside the sequential loop, 2026-11-27):
-  _output_fwd 1.41 ms at 64K (1.1 TB/s: latency/occupancy-bound, 255 registers, 2 CTAs/SM), old
-  sequential state pass 1.88 ms; fwd 3.27 ms, fwd+bwd 15.7 ms. The parallel U + elementwise scan above
-  replaces that state pass (predicted ~0.4 ms fwd); _output_fwd and _grads_bwd are where the time is.
+Measured per kernel (H200, Triton 3.6, bf16, B=1, H=32, T=64K, 2026-12-01):
+  _chunk_sums 0.45 ms (2.4 TB/s); _scan 0.21 ms with its loads pipelined 8 chunks ahead (2 ahead: 0.61;
+  the earlier loop unrolled by hand 4 deep: 0.59 at its launch shape, 0.35-0.85 over others: a few
+  small loads in flight per program cannot fill the memory pipe); _output_fwd 1.39 ms (1.2 TB/s, 255 registers, 8 spilled, 2 CTAs per SM). What did not help
+  _output_fwd: 8 warps (2.2 ms), key slices of 32 or 16 (1.9-4.1 ms), register caps (1.5-2.4 ms), a
+  split over value columns (2.4 ms), persistent programs with pipelined loads (1.6-4.1 ms), chunks of
+  32 (whole op 15% slower); dropping the exact level path saves 10%. _grads_bwd (6.4 ms, 255 registers
+  and ~470 spilled) is most of the backward. Whole op: fwd 2.06 ms, fwd+bwd 10.4 ms. Key slices of 32
+  in _grads_bwd with 4 warps hit an illegal address at this size (with 8 warps they run and agree with
+  one slice to 1e-4): the CFG below never uses that combination.
 """
 import math
 import os
@@ -72,9 +78,11 @@ import triton.language as tl
 
 CHUNK = 64  # C: power of two (levels), multiple of 16 (tensor-core tiles)
 LOG2C = 6
-# launch shapes: state rows per program in the scan, key channels per slice in the parallel kernels
-# (A and o stay whole in registers, the rest is sliced), warps per kernel
-CFG = dict(scan_rows=8, slice=64, warps_sums=4, warps_scan=2, warps_out=4, warps_grads=8)
+# launch shapes: state rows per program in the scan and how many chunks its loads run ahead, key channels per
+# slice in the parallel kernels (A and o stay whole in registers, the rest is sliced), warps per kernel. The
+# parallel kernels launch with num_stages=1: their slice loop is one or two passes, and Triton's default
+# pipelining of it (3 copies of every tile) needs 256 KB of shared memory at K=128 in fp32 (H200: 227 KB).
+CFG = dict(scan_rows=8, scan_stages=8, slice=64, warps_sums=4, warps_scan=1, warps_out=4, warps_grads=8)
 
 
 # ----------------------------------------------------------------------------- references
@@ -280,53 +288,27 @@ def _chunk_sums(k_ptr, v_ptr, g_ptr, U_ptr, u_ptr, a_ptr, T, H, N, K: tl.constex
 
 
 @triton.jit
-def _scan_load(U_ptr, u_ptr, a_ptr, bh, n, N, K: tl.constexpr, V: tl.constexpr, rk, sk):
-    """Chunk n's (U, u, a) for rows rk; identity (0, 0, 0) when n is out of range."""
-    nr = n + 0 * rk  # n per row: a scalar mask is not accepted by every Triton interpreter (3.9)
-    ok = (nr >= 0) & (nr < N)
-    base = bh * N + tl.where(ok, nr, 0)
-    U = tl.load(U_ptr + base[:, None] * K * V + sk, mask=ok[:, None], other=0.).to(tl.float32)
-    u = tl.load(u_ptr + base * K + rk, mask=ok, other=0.)
-    a = tl.load(a_ptr + base * K + rk, mask=ok, other=0.)
-    return U, u, a
-
-
-@triton.jit
-def _scan_step(st_ptr, zt_ptr, S, z, U, u, a, bh, n, N, K: tl.constexpr, V: tl.constexpr, rk, sk):
-    """Store the running (S, z) as chunk n's entry, then fold chunk n in."""
-    nr = n + 0 * rk
-    ok = (nr >= 0) & (nr < N)
-    base = bh * N + tl.where(ok, nr, 0)
-    tl.store(st_ptr + base[:, None] * K * V + sk, S.to(st_ptr.dtype.element_ty), mask=ok[:, None])
-    tl.store(zt_ptr + base * K + rk, z, mask=ok)
-    return tl.exp(a)[:, None] * S + U, tl.exp(a) * z + u
-
-
-@triton.jit
 def _scan(U_ptr, u_ptr, a_ptr, s0_ptr, z0_ptr, sT_ptr, zT_ptr, N, K: tl.constexpr, V: tl.constexpr,
-          R: tl.constexpr, HAS_S0: tl.constexpr, REVERSE: tl.constexpr):
+          R: tl.constexpr, HAS_S0: tl.constexpr, REVERSE: tl.constexpr, STAGES: tl.constexpr):
     """The only sequential work, elementwise over R rows of the state: S_n = exp(a_n) S_{n-1} + U_n over the
     chunks (in reverse for the backward, where U is the per-chunk gradient). Overwrites U[n] with the running S
-    as chunk n sees it (in place: slot n is read before it is written), and u with z. Chunks go four at a time
-    so that four loads are in flight per step of the chain."""
+    as chunk n sees it (in place: slot n is read before it is written), and u with z. The chain itself is a
+    few flops per element; what it waits on is memory, so the loads run STAGES chunks ahead of the chain
+    (Triton's software pipelining)."""
     r0, bh = tl.program_id(0) * R, tl.program_id(1).to(tl.int64)
     rk = r0 + tl.arange(0, R)
     sk = rk[:, None] * V + tl.arange(0, V)[None, :]
     S, z = tl.zeros((R, V), tl.float32), tl.zeros((R,), tl.float32)
     if HAS_S0:
         S, z = tl.load(s0_ptr + bh * K * V + sk), tl.load(z0_ptr + bh * K + rk)
-    for i in range(0, N, 4):
-        n0, n1, n2, n3 = i, i + 1, i + 2, i + 3
-        if REVERSE:
-            n0, n1, n2, n3 = N - 1 - n0, N - 1 - n1, N - 1 - n2, N - 1 - n3
-        U0, u0, a0 = _scan_load(U_ptr, u_ptr, a_ptr, bh, n0, N, K, V, rk, sk)
-        U1, u1, a1 = _scan_load(U_ptr, u_ptr, a_ptr, bh, n1, N, K, V, rk, sk)
-        U2, u2, a2 = _scan_load(U_ptr, u_ptr, a_ptr, bh, n2, N, K, V, rk, sk)
-        U3, u3, a3 = _scan_load(U_ptr, u_ptr, a_ptr, bh, n3, N, K, V, rk, sk)
-        S, z = _scan_step(U_ptr, u_ptr, S, z, U0, u0, a0, bh, n0, N, K, V, rk, sk)
-        S, z = _scan_step(U_ptr, u_ptr, S, z, U1, u1, a1, bh, n1, N, K, V, rk, sk)
-        S, z = _scan_step(U_ptr, u_ptr, S, z, U2, u2, a2, bh, n2, N, K, V, rk, sk)
-        S, z = _scan_step(U_ptr, u_ptr, S, z, U3, u3, a3, bh, n3, N, K, V, rk, sk)
+    for i in tl.range(0, N, num_stages=STAGES):
+        n = N - 1 - i if REVERSE else i
+        base = bh * N + n
+        U = tl.load(U_ptr + base * K * V + sk).to(tl.float32)
+        u, a = tl.load(u_ptr + base * K + rk), tl.load(a_ptr + base * K + rk)
+        tl.store(U_ptr + base * K * V + sk, S.to(U_ptr.dtype.element_ty))
+        tl.store(u_ptr + base * K + rk, z)
+        S, z = tl.exp(a)[:, None] * S + U, tl.exp(a) * z + u
     tl.store(sT_ptr + bh * K * V + sk, S)
     tl.store(zT_ptr + bh * K + rk, z)
 
@@ -462,10 +444,10 @@ def _run_states(k, v, g, S0, z0, state_dtype, lowp):
     zt, a = k.new_empty(B, H, N, K, dtype=torch.float32), k.new_empty(B, H, N, K, dtype=torch.float32)
     ST, zT = k.new_empty(B, H, K, V, dtype=torch.float32), k.new_empty(B, H, K, dtype=torch.float32)
     _chunk_sums[(N, B * H)](k, v, g, st, zt, a, T, H, N, K, V, min(K, CFG["slice"]), CHUNK, lowp,
-                            num_warps=CFG["warps_sums"])
+                            num_warps=CFG["warps_sums"], num_stages=1)
     has_s0 = S0 is not None
     _scan[(K // CFG["scan_rows"], B * H)](st, zt, a, S0 if has_s0 else ST, z0 if has_s0 else zT, ST, zT, N, K, V,
-                                          CFG["scan_rows"], has_s0, False, num_warps=CFG["warps_scan"])
+                                          CFG["scan_rows"], has_s0, False, CFG["scan_stages"], num_warps=CFG["warps_scan"])
     return st, zt, a, ST, zT
 
 
@@ -479,7 +461,7 @@ class _LawcatTriton(torch.autograd.Function):
         o = torch.empty_like(v)
         rden = q.new_empty(B, T, H, dtype=torch.float32)
         _output_fwd[(N, B * H)](q, k, v, g, st, zt, o, rden, T, H, N, eps, K, V, min(K, CFG["slice"]), CHUNK,
-                                LOG2C, normalize, lowp, num_warps=CFG["warps_out"])
+                                LOG2C, normalize, lowp, num_warps=CFG["warps_out"], num_stages=1)
         ctx.save_for_backward(q, k, v, g, S0, z0, o, rden)
         ctx.normalize, ctx.lowp = normalize, lowp
         return o, ST, zT
@@ -495,12 +477,13 @@ class _LawcatTriton(torch.autograd.Function):
         st, zt, a, _, _ = _run_states(k, v, g, S0, z0, torch.float32, ctx.lowp)  # recompute, fp32
         dst, dzt, dS0, dz0 = torch.empty_like(st), torch.empty_like(zt), torch.empty_like(dST), torch.empty_like(dzT)
         _chunk_dsums[(N, B * H)](q, g, do, o, rden, dst, dzt, T, H, N, K, V, min(K, CFG["slice"]), CHUNK,
-                                 ctx.normalize, ctx.lowp, num_warps=CFG["warps_sums"])
+                                 ctx.normalize, ctx.lowp, num_warps=CFG["warps_sums"], num_stages=1)
         _scan[(K // CFG["scan_rows"], B * H)](dst, dzt, a, dST, dzT, dS0, dz0, N, K, V, CFG["scan_rows"], True, True,
-                                              num_warps=CFG["warps_scan"])
+                                              CFG["scan_stages"], num_warps=CFG["warps_scan"])
         dq, dk, dv, dg = map(torch.empty_like, (q, k, v, g))
         _grads_bwd[(N, B * H)](q, k, v, g, do, o, rden, st, zt, dst, dzt, dq, dk, dv, dg, T, H, N, K, V,
-                               min(K, CFG["slice"]), CHUNK, LOG2C, ctx.normalize, ctx.lowp, num_warps=CFG["warps_grads"])
+                               min(K, CFG["slice"]), CHUNK, LOG2C, ctx.normalize, ctx.lowp, num_warps=CFG["warps_grads"],
+                               num_stages=1)
         return dq, dk, dv, dg, (dS0 if S0 is not None else None), (dz0 if S0 is not None else None), None, None
 
 
@@ -559,6 +542,7 @@ def _check(device, quick):
     mild, wild = dict(scale=(0.1, 3.)), dict(scale=(0.1, 100.), extreme=0.01)  # two-product path / level path
     cases = [(2, 1000, 4, 64, torch.float32, True, mild), (2, 1000, 4, 64, torch.bfloat16, True, mild),
              (2, 1000, 4, 64, torch.bfloat16, True, wild), (1, 300, 4, 128, torch.bfloat16, True, mild),
+             (1, 300, 4, 128, torch.float32, True, wild),
              (1, 300, 4, 32, torch.float32, False, wild)]
     worst = 0.
     for B, T, H, K, dtype, norm, gates in cases[:2] if quick else cases:
@@ -629,8 +613,9 @@ def _bench(quick):
 
 
 def _bench_fla(ours):
-    """fla-core's chunk_gla (per-channel gates, what LAWCAT's official code calls) and chunk_simple_gla, at 64K only:
-    their first calls autotune for minutes (seen: > 4 min on an H200 without finishing at 8K), so this runs last."""
+    """fla-core's chunk_gla (per-channel gates, what LAWCAT's official code calls) and chunk_simple_gla, at T=64K and
+    at B=8, T=2K. Their first calls autotune (72 s and 34 s on an H200), so this runs last. fla 0.6.0 refuses its
+    gated backward on Hopper with Triton 3.4 to 3.7.0 (its issue 640), so that column is skipped there, not timed."""
     from triton.testing import do_bench
     try:
         from fla.ops.gla import chunk_gla
@@ -638,10 +623,12 @@ def _bench_fla(ours):
     except Exception as e:  # noqa: BLE001
         print(f"fla not importable ({type(e).__name__}): no fla columns")
         return
+    tv = tuple(int(x) for x in triton.__version__.split(".")[:3])
+    refused = torch.cuda.get_device_capability()[0] == 9 and (3, 4, 0) <= tv < (3, 7, 1)
     print("\nfla-core (same card, same inputs): median ms, xN = fla time / ours")
     print(" ".join(f"{h:>14s}" for h in ("B", "T", "gla fwd", "gla f+b", "sgla fwd", "sgla f+b")))
     for (B, T), row in ours.items():
-        if T != 65536:
+        if (B, T) not in ((1, 65536), (8, 2048)):
             continue
         q, k, v, g, _ = random_inputs(B, T, 32, 64, 64, torch.bfloat16, "cuda", state=False)
         do = torch.randn_like(v)
@@ -651,15 +638,18 @@ def _bench_fla(ours):
         for f in (lambda: chunk_gla(*ins), lambda: chunk_simple_gla(*ins[:3], gs)):
             t = do_bench(f, return_mode="median")
             cells.append(f"{t:.3f} x{t / row['fwd']:.1f}")
-            try:
-                t = do_bench(lambda: f()[0].backward(do), return_mode="median", grad_to_none=ins + [gs])
-                cells.append(f"{t:.3f} x{t / row['f+b']:.1f}")
-            except Exception:  # noqa: BLE001  (fla refuses gated backward on Hopper with Triton 3.4-3.7.0)
+            if refused:
                 cells.append("refused")
+                continue
+            t = do_bench(lambda: f()[0].backward(do), return_mode="median", grad_to_none=ins + [gs])
+            cells.append(f"{t:.3f} x{t / row['f+b']:.1f}")
         print(" ".join(f"{c:>14s}" for c in cells), flush=True)
 
 
 if __name__ == "__main__":
+    if not torch.cuda.is_available() and not _interpreting():  # Triton compiles for GPUs: check under its interpreter
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     quick = "--quick" in sys.argv
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

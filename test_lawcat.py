@@ -864,6 +864,10 @@ def test_bad_tokenizer_files(tmp_path):
 # against the float64 token-by-token recurrence
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# Two fp32 evaluations of the same sequence (chunked vs step by step, one call vs two) agree to rounding: exact
+# fp32 products on CPU (the interpreter), tf32 tensor-core products on a GPU (10-bit mantissa, ~1e-3 each
+# against float64, as the kernel checks measure), so the GPU bound is tf32's, not fp32's.
+SAME_TOL = 2e-3 if DEV == "cuda" else 1e-4
 BACKENDS = ["triton", "torch"]
 
 
@@ -950,8 +954,8 @@ def test_kernel_prefill_then_decode_equals_one_call(backend):
     for t in range(P, 90):
         o_t, st = lawcat_step(q[:, t], k[:, t], v[:, t], g[:, t], st)
         outs.append(o_t[:, None])
-    assert rel_err(torch.cat(outs, 1), o_all) <= 1e-4
-    assert rel_err(st[0], S_all) <= 1e-4 and rel_err(st[1], z_all) <= 1e-4
+    assert rel_err(torch.cat(outs, 1), o_all) <= SAME_TOL
+    assert rel_err(st[0], S_all) <= SAME_TOL and rel_err(st[1], z_all) <= SAME_TOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -961,8 +965,8 @@ def test_kernel_two_prefills_equal_one(backend):
     o_all, (S_all, z_all) = lawcat_attention(q, k, v, g, None, normalize=False, backend=backend)
     o1, st = lawcat_attention(q[:, :50], k[:, :50], v[:, :50], g[:, :50], None, normalize=False, backend=backend)
     o2, (S2, z2) = lawcat_attention(q[:, 50:], k[:, 50:], v[:, 50:], g[:, 50:], st, normalize=False, backend=backend)
-    assert rel_err(torch.cat([o1, o2], 1), o_all) <= 1e-4
-    assert rel_err(S2, S_all) <= 1e-4 and rel_err(z2, z_all) <= 1e-4
+    assert rel_err(torch.cat([o1, o2], 1), o_all) <= SAME_TOL
+    assert rel_err(S2, S_all) <= SAME_TOL and rel_err(z2, z_all) <= SAME_TOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
