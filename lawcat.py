@@ -260,8 +260,6 @@ class Attention(nn.Module):
             q, qc = causal_conv(q.reshape(B, T, H * D), p.conv_q, qc)
             k, kc = causal_conv(k.reshape(B, T, H * D), p.conv_k, kc)
             q, k = q.view(B, T, H, D), k.view(B, T, H, D)
-            if cache is not None:
-                cache["q_conv"], cache["k_conv"] = qc, kc
         if cfg.linear_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         fq, fk = p.phi(q), p.phi(k)  # (B, T, H, D) fp32, non-negative
@@ -281,7 +279,12 @@ class Attention(nn.Module):
             state = (cache["S"], cache["z"]) if cache is not None and "S" in cache else None
             o, state = lawcat_attention(fq, fk, v, g, state, eps=cfg.eps, normalize=cfg.denom)
         if cache is not None:
-            cache["S"], cache["z"] = state
+            new = dict(S=state[0], z=state[1], **(dict(q_conv=qc, k_conv=kc) if cfg.conv else {}))
+            for name, t in new.items():  # decode updates in place: a captured decode step (decoder()) replays fixed addresses
+                if T == 1 and name in cache:
+                    cache[name].copy_(t)
+                else:
+                    cache[name] = t
         return o.to(dt)
 
 
@@ -475,8 +478,8 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, stop_id
     caches = model.new_caches(1, len(prompt) + max_new_tokens, device, dtype)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     logits = model(tokens, caches, 0, last_only=True)[:, -1]
-    pos = len(prompt)
-    for _ in range(max_new_tokens):
+    step = None
+    for i in range(max_new_tokens):
         if temperature > 0:
             logits = logits / temperature
             if top_k:
@@ -487,10 +490,44 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, stop_id
             nxt = logits.argmax(-1, keepdim=True)
         t = nxt.item()
         yield t
-        if t in stop_ids:
+        if t in stop_ids or i == max_new_tokens - 1:
             return
-        logits = model(nxt, caches, pos)[:, -1]
+        step = step or decoder(model, caches, len(prompt), nxt)
+        logits = step(nxt)
+
+
+def decoder(model, caches, pos, token):
+    """A function token (B, 1) -> logits (B, V) for decode steps from position pos on, after a prefill into caches.
+    On a GPU, a student's step is captured once as a CUDA graph: eager decode is launch-bound (a few dozen small
+    kernels per layer, a few microseconds each), and the student's state has fixed shapes and is updated in place,
+    so one graph replays every step. The teacher (its KV cache grows) and students with RoPE in the linear path
+    (the angle changes every step) run eagerly. token: an example of the input, for the capture."""
+    def eager(tok):
+        nonlocal pos
         pos += 1
+        return model(tok, caches, pos - 1)[:, -1]
+
+    if not (token.is_cuda and model.is_student and not model.cfg.linear_rope):
+        return eager
+    saved = [{n: t.clone() for n, t in c.items()} for c in caches]
+    static_tok = token.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph: lazy library handles, allocator
+        model(static_tok, caches, pos)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # recorded, not run
+        static_logits = model(static_tok, caches, pos)[:, -1]
+    for c, s in zip(caches, saved):  # undo the warm-up step
+        for n, t in s.items():
+            c[n].copy_(t)
+
+    def replay(tok):
+        static_tok.copy_(tok)
+        graph.replay()
+        return static_logits
+    return replay
 
 
 # ----------------------------------------------------------------------------------------------

@@ -398,6 +398,29 @@ def test_student_parallel_forward_equals_prefill_plus_decode(switches):
     assert state_numel == sum(v.numel() for k, v in _state_after(model, 5).items())  # constant in context length
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: decode steps captured as a CUDA graph")
+@pytest.mark.parametrize("switches", [{}, dict(conv=False), dict(linear_rope=True)], ids=["default", "no_conv", "rope"])
+def test_graph_decode_equals_eager_decode(switches):
+    """decoder() replays one captured step on the GPU; every step must give the eager step's logits and leave
+    the same state, and the warm-up run for the capture must not advance the state."""
+    model = tiny_student(**switches).cuda()
+    tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(6)).cuda()
+    with torch.no_grad():
+        runs = []
+        for graphed in (False, True):
+            caches = model.new_caches(2, 40, "cuda", torch.float32)
+            model(tokens[:, :17], caches, 0)
+            step = L.decoder(model, caches, 17, tokens[:, 17:18]) if graphed else None
+            out = []
+            for t in range(17, 40):
+                tok = tokens[:, t:t + 1]
+                out.append((step(tok) if graphed else model(tok, caches, t)[:, -1]).clone())
+            runs.append((torch.stack(out, 1), [v.clone() for c in caches for v in c.values()]))
+    (eager, eager_state), (graph, graph_state) = runs
+    assert rel_err(graph, eager) <= 1e-5
+    assert all(rel_err(a, b) <= 1e-5 for a, b in zip(graph_state, eager_state))
+
+
 def _state_after(model, T):
     caches = model.new_caches(1, T, "cpu", torch.float32)
     with torch.no_grad():
