@@ -396,7 +396,8 @@ def stream(model, tok, ids, max_new, temperature, top_k, seed, echo=True):
 
 @torch.no_grad()
 def measure(model, T, steps, device):
-    """(prefill seconds, decode seconds for `steps` tokens, peak bytes or None, decode-state bytes) at context T."""
+    """(prefill seconds, decode set-up seconds (the student's CUDA-graph capture on a GPU, once per generation),
+    decode seconds for `steps` tokens, peak bytes or None, decode-state bytes) at context T."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -411,15 +412,15 @@ def measure(model, T, steps, device):
     prefill_peak = torch.cuda.max_memory_allocated() if cuda else None
     if cuda:  # decode's own peak: weights + state (or KV cache) + one token's activations
         torch.cuda.reset_peak_memory_stats()
-    step = L.decoder(model, caches, T, nxt)  # on a GPU, the student's step is captured as a CUDA graph here
+    step = L.decoder(model, caches, T, nxt)
     sync(device)
-    t1 = time.perf_counter()
+    t2 = time.perf_counter()
     for i in range(steps):
         nxt = step(nxt).argmax(-1, keepdim=True)
     sync(device)
     state = sum(v.numel() * v.element_size() for c in caches for v in c.values() if torch.is_tensor(v))
     peaks = (prefill_peak, torch.cuda.max_memory_allocated()) if cuda else (None, None)
-    return t1 - t0, time.perf_counter() - t1, peaks, state
+    return t1 - t0, t2 - t1, time.perf_counter() - t2, peaks, state
 
 
 def bench(runners, lengths, device, steps):
@@ -427,19 +428,19 @@ def bench(runners, lengths, device, steps):
     Each length runs twice and the second run is reported (the first compiles kernels for its shapes)."""
     print(f"{torch.cuda.get_device_name() if torch.device(device).type == 'cuda' else 'CPU'}, "
           f"{next(m for _, m, _ in runners).tok_embeddings.weight.dtype}, batch 1, {steps} decode steps")
-    print("| model | context | prefill ms | prefill tok/s | decode ms/token | decode tok/s | peak memory prefill |"
-          " peak memory decode | decode state |")
+    print("| model | context | prefill ms | prefill tok/s | decode set-up ms | decode ms/token | decode tok/s | "
+          "peak memory prefill | peak memory decode | decode state |")
     for name, model, ctx in runners:
         with ctx(model):
             for T in lengths:
                 try:
                     measure(model, T, 2, device)
-                    prefill, decode, peak, state = measure(model, T, steps, device)
+                    prefill, setup, decode, peak, state = measure(model, T, steps, device)
                 except torch.OutOfMemoryError:
-                    print(f"| {name} | {T} | out of memory | | | | | | |", flush=True)
+                    print(f"| {name} | {T} | out of memory | | | | | | | |", flush=True)
                     continue
-                print(f"| {name} | {T} | {1e3 * prefill:.1f} | {T / prefill:,.0f} | {1e3 * decode / steps:.2f} | "
-                      f"{steps / decode:.1f} | {'-' if peak[0] is None else mib(peak[0])} | "
+                print(f"| {name} | {T} | {1e3 * prefill:.1f} | {T / prefill:,.0f} | {1e3 * setup:.1f} | "
+                      f"{1e3 * decode / steps:.2f} | {steps / decode:.1f} | {'-' if peak[0] is None else mib(peak[0])} | "
                       f"{'-' if peak[1] is None else mib(peak[1])} | {mib(state)} |", flush=True)
 
 

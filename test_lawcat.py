@@ -1208,7 +1208,7 @@ def test_bench_runs_and_measures_constant_student_state(capsys):
     rows = [r.split("|") for r in capsys.readouterr().out.splitlines()[2:]]  # after the device line and the header
     assert [(r[1].strip(), int(r[2])) for r in rows] == [("student", 64), ("student", 128),
                                                          ("teacher", 64), ("teacher", 128)]
-    assert rows[0][9] == rows[1][9] and rows[2][9] != rows[3][9]  # constant student state, growing KV cache
+    assert rows[0][10] == rows[1][10] and rows[2][10] != rows[3][10]  # constant student state, growing KV cache
 
 
 # ----------------------------------------------------------------------------------------------
