@@ -280,8 +280,10 @@ class Attention(nn.Module):
             o, state = lawcat_attention(fq, fk, v, g, state, eps=cfg.eps, normalize=cfg.denom)
         if cache is not None:
             new = dict(S=state[0], z=state[1], **(dict(q_conv=qc, k_conv=kc) if cfg.conv else {}))
-            for name, t in new.items():  # decode updates in place: a captured decode step (decoder()) replays fixed addresses
-                if T == 1 and name in cache:
+            # Inference decode updates the state in place, as the CUDA graph of decoder() replays fixed addresses;
+            # with autograd on, new tensors: the previous step saved the old ones for its backward.
+            for name, t in new.items():
+                if T == 1 and name in cache and not torch.is_grad_enabled():
                     cache[name].copy_(t)
                 else:
                     cache[name] = t
@@ -496,29 +498,36 @@ def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, stop_id
         logits = step(nxt)
 
 
+def decodes_with_graph(model):
+    return model.tok_embeddings.weight.is_cuda and model.is_student and not model.cfg.linear_rope
+
+
 def decoder(model, caches, pos, token):
     """A function token (B, 1) -> logits (B, V) for decode steps from position pos on, after a prefill into caches.
     On a GPU, a student's step is captured once as a CUDA graph: eager decode is launch-bound (a few dozen small
     kernels per layer, a few microseconds each), and the student's state has fixed shapes and is updated in place,
     so one graph replays every step. The teacher (its KV cache grows) and students with RoPE in the linear path
-    (the angle changes every step) run eagerly. token: an example of the input, for the capture."""
+    (the angle changes every step) run eagerly. token: an example of the input, for the capture. The graph's
+    logits are one buffer that the next step overwrites: use them (or clone them) before calling again."""
     def eager(tok):
         nonlocal pos
         pos += 1
         return model(tok, caches, pos - 1)[:, -1]
 
-    if not (token.is_cuda and model.is_student and not model.cfg.linear_rope):
+    if not decodes_with_graph(model):
         return eager
     saved = [{n: t.clone() for n, t in c.items()} for c in caches]
     static_tok = token.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the graph: lazy library handles, allocator
-        model(static_tok, caches, pos)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # recorded, not run
-        static_logits = model(static_tok, caches, pos)[:, -1]
+    # no_grad: the state must be updated in place; streams and graphs belong to the current device: the model's
+    with torch.no_grad(), torch.cuda.device(token.device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: lazy library handles, allocator
+            model(static_tok, caches, pos)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # recorded, not run
+            static_logits = model(static_tok, caches, pos)[:, -1]
     for c, s in zip(caches, saved):  # undo the warm-up step
         for n, t in s.items():
             c[n].copy_(t)

@@ -410,8 +410,8 @@ def measure(model, T, steps, device):
     sync(device)
     t1 = time.perf_counter()
     prefill_peak = torch.cuda.max_memory_allocated() if cuda else None
-    if cuda:  # decode's own peak: weights + state (or KV cache) + one token's activations
-        torch.cuda.reset_peak_memory_stats()
+    if cuda:  # decode's own peak: weights, state or KV cache, one token's activations (and the student's graph
+        torch.cuda.reset_peak_memory_stats()  # capture: a saved copy of the state and the graph's buffers)
     step = L.decoder(model, caches, T, nxt)
     sync(device)
     t2 = time.perf_counter()
@@ -527,8 +527,10 @@ def run_generate(args, runners, tok, paths):
     print(f"[{name}: {paths[name]}]\n" + ("" if args.chat else text), end="", flush=True)
     out, t_prefill, t_rest = stream(model, tok, ids, args.max_new_tokens, args.temperature, args.top_k, args.seed)
     T, dtype = len(ids) + len(out), model.tok_embeddings.weight.dtype
+    graph = L.decodes_with_graph(model)
     print(f"\n\n[{len(ids)} prompt tokens: prefill {1e3 * t_prefill:.0f} ms; {len(out)} new tokens: "
-          f"{max(len(out) - 1, 0) / max(t_rest, 1e-9):.1f} tokens/s]")
+          f"{max(len(out) - 1, 0) / max(t_rest, 1e-9):.1f} tokens/s" +
+          (", the one-time CUDA-graph capture included]" if graph else "]"))
     print(f"[decode state: student {mib(state_bytes(model.cfg, dtype, True, T))} (conv tails + S + z, the same at any "
           f"length); teacher KV cache {mib(state_bytes(model.cfg, dtype, False, T))} at {T} tokens]")
 

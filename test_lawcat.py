@@ -398,6 +398,25 @@ def test_student_parallel_forward_equals_prefill_plus_decode(switches):
     assert state_numel == sum(v.numel() for k, v in _state_after(model, 5).items())  # constant in context length
 
 
+def test_decode_steps_with_autograd_give_the_parallel_gradients():
+    """With gradients on, a decode step must not overwrite the state an earlier step saved for its backward
+    (inference decode updates it in place): prefill + decode steps then backpropagate like one parallel pass."""
+    model = tiny_student()
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(8))
+    w = torch.randn(2, 12, 97, generator=torch.Generator().manual_seed(9))
+    params = list(L.new_parameters(model).values())
+    grads = []
+    for stepwise in (False, True):
+        if stepwise:
+            caches = model.new_caches(2, 12, "cpu", torch.float32)
+            logits = torch.cat([model(tokens[:, :8], caches, 0)] + [model(tokens[:, t:t + 1], caches, t)
+                                                                    for t in range(8, 12)], 1)
+        else:
+            logits = model(tokens)
+        grads.append(torch.autograd.grad((logits * w).sum(), params))
+    assert all(rel_err(a, b) <= 1e-4 for a, b in zip(*grads))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: decode steps captured as a CUDA graph")
 @pytest.mark.parametrize("switches", [{}, dict(conv=False), dict(linear_rope=True)], ids=["default", "no_conv", "rope"])
 def test_graph_decode_equals_eager_decode(switches):
