@@ -328,8 +328,9 @@ class Llama(nn.Module):
 
     def forward(self, tokens, caches=None, start_pos=0, last_only=False, logits=True):
         """tokens (B, T) -> logits (B, T, V) in fp32 (B, 1, V with last_only: a 32K prefill of a
-        128K vocabulary would otherwise be 16 GB of logits; None with logits=False, for stage 1, which
-        needs only the per-layer losses). caches: one dict per layer from new_caches()."""
+        128K vocabulary would otherwise be 16 GB of logits). With logits=False, the last layer's output
+        (B, T, D) before the final norm: stage 1 needs only the per-layer losses, stage 2 applies the head
+        a chunk of tokens at a time. caches: one dict per layer from new_caches()."""
         T = tokens.shape[1]
         pos = torch.arange(start_pos, start_pos + T, device=tokens.device, dtype=torch.float32)
         if self.inv_freq.device != tokens.device:  # moved once: a CPU->GPU copy per forward would sync
@@ -341,7 +342,7 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, caches[i] if caches else None)
         if not logits:
-            return None
+            return x
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()

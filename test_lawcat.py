@@ -1318,6 +1318,25 @@ def test_stage2_touches_only_lora(tmp_path):
     assert changed and all(".lora_" in n for n in changed), changed
 
 
+@pytest.mark.parametrize("loss", ["ce", "kl", "mix"])
+def test_stage2_loss_in_chunks_equals_whole(tmp_path, monkeypatch, loss):
+    """Stage 2 applies the LM head a chunk of tokens at a time (recomputed in the backward): the loss and every
+    gradient must not depend on the chunk size (64 tokens here: one chunk, then 7 at a time with a remainder)."""
+    model = L.convert_to_lawcat(tiny_teacher(), verbose=False)
+    L.add_lora(model)
+    for p in L.new_parameters(model).values():
+        p.data += torch.randn_like(p) * 0.2
+    batch, args, runs = fixed_batch(), make_args(tmp_path, "--loss", loss), []
+    for chunk in (10 ** 9, 7):
+        monkeypatch.setattr(T, "LOSS_CHUNK", chunk)
+        model.zero_grad(set_to_none=True)
+        value = T.compute_loss(2, model, model, batch, args)
+        value.backward()
+        runs.append([value.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(runs[0]) == len(runs[1]) > 1
+    assert all(rel_err(a, b) <= 1e-5 for a, b in zip(*runs))
+
+
 def test_stage2_losses_kl_and_mix_against_hand_computation(tmp_path):
     """--loss kl is KL(teacher || student) per token (the teacher's distribution weights the log-ratio);
     --loss mix is the mean of it and next-token cross-entropy. Also: stage 2 may change the LoRA rank."""

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import lawcat as L
 
@@ -198,14 +199,33 @@ def compute_loss(stage, model, raw, batch, args):
     if stage == 1:
         model(x, logits=False)  # distill mode: the teacher's forward; each layer stores its student's MSE
         return args.mse_weight * L.distill_loss(raw)
-    logits = model(x)
-    V = logits.shape[-1]
-    ce = F.cross_entropy(logits.view(-1, V), y.reshape(-1)) if args.loss != "kl" else 0
-    if args.loss == "ce":
+    h = model(x, logits=False).flatten(0, 1)  # (B*T, D): the head runs below, a chunk of tokens at a time
+    th = None
+    if args.loss != "ce":
+        with torch.no_grad(), L.as_teacher(raw):
+            th = raw(x, logits=False).flatten(0, 1)
+    y, total = y.reshape(-1), 0.
+    for i in range(0, len(y), LOSS_CHUNK):
+        part = (h[i:i + LOSS_CHUNK], y[i:i + LOSS_CHUNK], None if th is None else th[i:i + LOSS_CHUNK])
+        total = total + torch.utils.checkpoint.checkpoint(lm_loss_sum, raw, *part, args.loss, use_reentrant=False)
+    return total / len(y)
+
+
+# Tokens per piece of the stage-2 loss: full fp32 logits for 16 x 1024 tokens of a 128K vocabulary are 8 GB,
+# several times over (log-softmax, teacher, gradients); a piece's logits are recomputed in the backward.
+LOSS_CHUNK = 4096
+
+
+def lm_loss_sum(raw, h, y, th, loss):
+    """Summed next-token CE, KL(teacher || student) or their mean over tokens, from final hidden states h
+    (the teacher's th): the head (final norm + output projection, the same frozen modules for both) is applied here."""
+    logits = raw.output(raw.norm(h)).float()  # (N, V)
+    ce = F.cross_entropy(logits, y, reduction="sum") if loss != "kl" else 0
+    if loss == "ce":
         return ce
-    teacher = L.teacher_logits(raw, x).view(-1, V).log_softmax(-1)
-    kl = F.kl_div(logits.view(-1, V).log_softmax(-1), teacher, log_target=True, reduction="batchmean")
-    return kl if args.loss == "kl" else (ce + kl) / 2
+    teacher = raw.output(raw.norm(th)).float().log_softmax(-1)
+    kl = F.kl_div(logits.log_softmax(-1), teacher, log_target=True, reduction="sum")
+    return kl if loss == "kl" else (ce + kl) / 2
 
 
 def lr_at(step, total, lr, warmup, min_frac=0.1):
@@ -226,7 +246,8 @@ def flops_per_token(cfg, stage, seq_len, loss):
                              + 2 * (D * cfg.gate_rank + cfg.gate_rank * Hkv * d))
     if stage == 1:  # the teacher's forward without its head; the student attention's forward + backward
         return 2 * layers + softmax + 3 * linear
-    return 4 * (layers + head) + 3 * linear + (2 * (layers + head) + softmax if loss != "ce" else 0)
+    # the student's forward + backward, its head once more (recomputed in the backward) and the teacher's forward
+    return 4 * (layers + head) + 2 * head + 3 * linear + (2 * (layers + head) + softmax if loss != "ce" else 0)
 
 
 def peak_flops(device):  # dense bf16 tensor-core peak
