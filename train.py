@@ -246,8 +246,8 @@ def flops_per_token(cfg, stage, seq_len, loss):
                              + 2 * (D * cfg.gate_rank + cfg.gate_rank * Hkv * d))
     if stage == 1:  # the teacher's forward without its head; the student attention's forward + backward
         return 2 * layers + softmax + 3 * linear
-    # the student's forward + backward, its head once more (recomputed in the backward) and the teacher's forward
-    return 4 * (layers + head) + 2 * head + 3 * linear + (2 * (layers + head) + softmax if loss != "ce" else 0)
+    # the student's forward + backward and the teacher's forward; each head runs once more (recomputed in the backward)
+    return 4 * (layers + head) + 2 * head + 3 * linear + (2 * (layers + 2 * head) + softmax if loss != "ce" else 0)
 
 
 def peak_flops(device):  # dense bf16 tensor-core peak
