@@ -1370,10 +1370,12 @@ def run(tmp_path, *extra, interrupt_at=None):
     return T.train(make_args(tmp_path, *extra), tiny_teacher(), ByteTokenizer(), on_step=on_step)
 
 
-def test_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("loss", ["ce", "mix"])
+def test_resume_is_bit_exact(tmp_path, monkeypatch, loss):
+    monkeypatch.setattr(T, "LOSS_CHUNK", 7)  # several recomputed pieces of the stage-2 loss per micro-batch
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    extra = ("--passkey-frac", "0.3", "--save-every", "100")
+    extra = ("--passkey-frac", "0.3", "--save-every", "100", "--loss", loss)
     assert run(a, *extra) == "done"
     assert run(b, *extra, interrupt_at=(1, 3)) == "interrupted"
     assert torch.load(b / "out/stage1.pt", weights_only=True)["step"] == 3
@@ -1478,5 +1480,22 @@ def test_nan_stops_and_keeps_last_checkpoint(tmp_path):
     with pytest.raises(L.UserError, match=r"non-finite by step 4.*last good checkpoint: .*stage1.pt, step 2"):
         T.train(args, tiny_teacher(), ByteTokenizer(), on_step=poison)
     ck = torch.load(tmp_path / "out/stage1.pt", weights_only=True)
+    assert ck["step"] == 2 and not ck["done"]
+    assert all(torch.isfinite(p).all() for p in ck["params"].values())
+
+
+def test_nan_in_stage2_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    """The same through stage 2's loss, cut into recomputed pieces: a NaN LoRA factor stops the run."""
+    monkeypatch.setattr(T, "LOSS_CHUNK", 7)
+    assert T.train(make_args(tmp_path, "--stage", "1", "--steps", "2"), tiny_teacher(), ByteTokenizer()) == "done"
+
+    def poison(stage, step, model):
+        if step == 3:
+            with torch.no_grad():
+                next(p for n, p in L.new_parameters(model).items() if "lora_B" in n).fill_(float("nan"))
+    args = make_args(tmp_path, "--stage", "2", "--steps", "6", "--loss", "mix")
+    with pytest.raises(L.UserError, match=r"non-finite by step 4.*last good checkpoint: .*stage2.pt, step 2"):
+        T.train(args, tiny_teacher(), ByteTokenizer(), on_step=poison)
+    ck = torch.load(tmp_path / "out/stage2.pt", weights_only=True)
     assert ck["step"] == 2 and not ck["done"]
     assert all(torch.isfinite(p).all() for p in ck["params"].values())

@@ -207,7 +207,8 @@ def compute_loss(stage, model, raw, batch, args):
     y, total = y.reshape(-1), 0.
     for i in range(0, len(y), LOSS_CHUNK):
         part = (h[i:i + LOSS_CHUNK], y[i:i + LOSS_CHUNK], None if th is None else th[i:i + LOSS_CHUNK])
-        total = total + torch.utils.checkpoint.checkpoint(lm_loss_sum, raw, *part, args.loss, use_reentrant=False)
+        total = total + torch.utils.checkpoint.checkpoint(lm_loss_sum, raw, *part, args.loss, use_reentrant=False,
+                                                            preserve_rng_state=False)  # the head draws no random numbers
     return total / len(y)
 
 
