@@ -1484,6 +1484,22 @@ def test_nan_stops_and_keeps_last_checkpoint(tmp_path):
     assert all(torch.isfinite(p).all() for p in ck["params"].values())
 
 
+def test_out_of_memory_says_how_to_continue(tmp_path, monkeypatch):
+    """Running out of device memory mid-stage gives one line: the micro-batch to use and the checkpoint to resume."""
+    real, calls = T.compute_loss, {"n": 0}
+
+    def loss_then_oom(stage, *a):
+        calls["n"] += 1
+        if stage == 1 and calls["n"] > 4:  # after step 2 (and its save): 1 validation + 1 per training step
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(stage, *a)
+    monkeypatch.setattr(T, "compute_loss", loss_then_oom)
+    args = make_args(tmp_path, "--stage", "1", "--steps", "6")
+    with pytest.raises(L.UserError, match=r"stage 1: out of memory on cpu at 2 sequences of 32 tokens per forward; "
+                                          r"rerun with --micro-batch 1 .*continue from .*stage1.pt \(step 2\) with --resume"):
+        T.train(args, tiny_teacher(), ByteTokenizer())
+
+
 def test_nan_in_stage2_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     """The same through stage 2's loss, cut into recomputed pieces: a NaN LoRA factor stops the run."""
     monkeypatch.setattr(T, "LOSS_CHUNK", 7)

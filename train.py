@@ -291,7 +291,9 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
     micro, per_rank, seq_tokens = args.micro_batch, args.batch_size // world, args.batch_size * args.seq_len
     accum, total, start = per_rank // micro, args.steps or max(1, args.tokens // seq_tokens), 0
     path = Path(args.out) / f"stage{stage}.pt"
+    saved = None  # (path, step) of this stage's last checkpoint, for the messages when a run has to stop
     if ckpt is not None:
+        saved = (path, ckpt["step"])
         opt.load_state_dict(ckpt["optimizer"])
         start, total = ckpt["step"], ckpt["total"]
         torch.set_rng_state(ckpt["rng"])
@@ -323,12 +325,12 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
         signal.signal(signal.SIGINT, signal.default_int_handler)
     sigs = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     old_handlers = {sig: signal.signal(sig, on_signal) for sig in sigs}
-    val = ckpt.get("val") if ckpt else evaluate()
-    if ckpt is None and val is not None:
-        log(f"stage {stage} | step 0/{total} | val {val:.4f}")
-    t_start = t_log = time.time()
-    log_step, bad, loss_acc = start, torch.zeros((), dtype=torch.bool, device=device), torch.zeros((), device=device)
     try:
+        val = ckpt.get("val") if ckpt else evaluate()
+        if ckpt is None and val is not None:
+            log(f"stage {stage} | step 0/{total} | val {val:.4f}")
+        t_start = t_log = time.time()
+        log_step, bad, loss_acc = start, torch.zeros((), dtype=torch.bool, device=device), torch.zeros((), device=device)
         for step in range(start, total):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, lr, warmup)
@@ -355,7 +357,7 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
                 dist.all_reduce(f, op=dist.ReduceOp.MAX)
                 stopping, bad = bool(f[0]), f[1] > 0
             if check and bad.item():  # a NaN never reaches a checkpoint
-                where = f"last good checkpoint: {ctx['saved'][0]}, step {ctx['saved'][1]}" if "saved" in ctx else "no checkpoint written"
+                where = f"last good checkpoint: {saved[0]}, step {saved[1]}" if saved else "no checkpoint written"
                 raise L.UserError(f"stage {stage}: the loss became non-finite by step {done}; stopped without saving "
                                   f"({where}); try a lower --lr{stage}")
             if evaluated:
@@ -376,10 +378,17 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
                 if rank == 0:
                     L.save_student(path, raw, ctx["teacher_path"], stage=stage, step=done, total=total, done=done == total,
                                    optimizer=opt.state_dict(), rng=torch.get_rng_state(), val=val, args=vars(args))
-                ctx["saved"] = (path, done)
+                saved = (path, done)
             if stopping:
                 log(f"interrupted: saved {path} at step {done}; continue with --resume")
                 return "interrupted"
+    except torch.OutOfMemoryError:
+        fix = (f"rerun with --micro-batch {micro // 2} (the batch stays {args.batch_size} sequences through gradient "
+               f"accumulation)" if micro > 1 else "shorten --seq-len or use a device with more memory")
+        where = f"continue from {saved[0]} (step {saved[1]}) with --resume" if saved else \
+            "no checkpoint of this stage was written yet"
+        raise L.UserError(f"stage {stage}: out of memory on {device} at {micro} sequences of {args.seq_len} tokens per "
+                          f"forward; {fix}; {where}") from None
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
