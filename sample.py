@@ -424,12 +424,14 @@ def measure(model, T, steps, device):
 
 
 def bench(runners, lengths, device, steps):
-    """Prefill latency, decode tokens/s, peak GPU memory (weights included) and decode-state size by context.
-    Each length runs twice and the second run is reported (the first compiles kernels for its shapes)."""
+    """Prefill latency, decode tokens/s, peak GPU memory (weights included) and decode-state size by context,
+    printed as a table and returned as rows. Each length runs twice and the second run is reported (the first
+    compiles kernels for its shapes)."""
     print(f"{torch.cuda.get_device_name() if torch.device(device).type == 'cuda' else 'CPU'}, "
           f"{next(m for _, m, _ in runners).tok_embeddings.weight.dtype}, batch 1, {steps} decode steps")
     print("| model | context | prefill ms | prefill tok/s | decode set-up ms | decode ms/token | decode tok/s | "
           "peak memory prefill | peak memory decode | decode state |")
+    rows = []
     for name, model, ctx in runners:
         with ctx(model):
             for T in lengths:
@@ -438,10 +440,15 @@ def bench(runners, lengths, device, steps):
                     prefill, setup, decode, peak, state = measure(model, T, steps, device)
                 except torch.OutOfMemoryError:
                     print(f"| {name} | {T} | out of memory | | | | | | | |", flush=True)
+                    rows.append(dict(model=name, context=T, error="out of memory"))
                     continue
                 print(f"| {name} | {T} | {1e3 * prefill:.1f} | {T / prefill:,.0f} | {1e3 * setup:.1f} | "
                       f"{1e3 * decode / steps:.2f} | {steps / decode:.1f} | {'-' if peak[0] is None else mib(peak[0])} | "
                       f"{'-' if peak[1] is None else mib(peak[1])} | {mib(state)} |", flush=True)
+                rows.append(dict(model=name, context=T, prefill_ms=1e3 * prefill, decode_setup_ms=1e3 * setup,
+                                 decode_ms_per_token=1e3 * decode / steps, peak_bytes_prefill=peak[0],
+                                 peak_bytes_decode=peak[1], state_bytes=state))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,6 +504,29 @@ def load(args, device, dtype):
     return runners, tok, {"student": str(ckpt), "teacher": args.init or L.recorded_teacher(c)}
 
 
+def results_path(args, task, paths):
+    """--json, else <task>_<checkpoint name>.json beside the student's checkpoint, else out/<task>_teacher.json
+    (out/<task>_random-<preset>.json for --random-model); its folder is made."""
+    student = paths.get("student")
+    default = Path(student).with_name(f"{task}_{Path(student).stem}.json") if student else \
+        Path("out") / (f"{task}_random-{args.random_model}.json" if args.random_model else f"{task}_teacher.json")
+    out = Path(args.json or default)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_bench(args, runners, paths, lengths, device):
+    model = runners[0][1]
+    rows = bench(runners, lengths, device, args.decode_steps)
+    out = results_path(args, "bench", paths)
+    meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                dtype=str(model.tok_embeddings.weight.dtype), decode_steps=args.decode_steps, argv=args.argv,
+                torch=torch.__version__)
+    out.write_text(json.dumps(dict(task="bench", model=paths or {"random": args.random_model}, lengths=lengths,
+                                   results=rows, meta=meta), indent=1))
+    print(f"\nwrote {out}")
+
+
 def run_eval(args, task, runners, tok, paths, lengths, depths, device):
     model, t0 = runners[0][1], time.time()
     trials = args.trials or {"babilong": 20, "ppl": 16}.get(task, 4)
@@ -507,10 +537,7 @@ def run_eval(args, task, runners, tok, paths, lengths, depths, device):
                        teacher_context=model.cfg.max_seq_len, seconds=round(time.time() - t0, 1), argv=args.argv,
                        python=sys.version.split()[0])  # --ppl's held-out text is this Python's standard library
     print_tables(res)
-    default = Path(paths["student"]).with_name(f"{task}_{Path(paths['student']).stem}.json") if paths["student"] \
-        else Path("out") / f"{task}_teacher.json"
-    out = Path(args.json or default)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = results_path(args, task, paths)
     keys = ("task", "model", "lengths", "depths", "trials", "results", "notes", "samples", "meta")
     out.write_text(json.dumps({k: res[k] for k in keys}, indent=1))
     png = heatmap(res, out.with_suffix(".png"))
@@ -581,7 +608,7 @@ def main(argv=None):
         lengths, depths = parse_lengths(args.lengths or default), parse_depths(args.depths)
         runners, tok, paths = load(args, device, dtype)
         if args.bench:
-            bench(runners, lengths, device, args.decode_steps)
+            run_bench(args, runners, paths, lengths, device)
         elif task:
             run_eval(args, task, runners, tok, paths, lengths, depths, device)
         else:

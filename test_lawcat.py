@@ -1223,11 +1223,24 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
 
 def test_bench_runs_and_measures_constant_student_state(capsys):
     model = tiny_model(257, student=True)
-    S.bench([("student", model, S.contextlib.nullcontext), ("teacher", model, L.as_teacher)], [64, 128], "cpu", 4)
+    res = S.bench([("student", model, S.contextlib.nullcontext), ("teacher", model, L.as_teacher)], [64, 128], "cpu", 4)
     rows = [r.split("|") for r in capsys.readouterr().out.splitlines()[2:]]  # after the device line and the header
     assert [(r[1].strip(), int(r[2])) for r in rows] == [("student", 64), ("student", 128),
                                                          ("teacher", 64), ("teacher", 128)]
     assert rows[0][10] == rows[1][10] and rows[2][10] != rows[3][10]  # constant student state, growing KV cache
+    assert [(r["model"], r["context"]) for r in res] == [(r[1].strip(), int(r[2])) for r in rows]
+    assert res[0]["state_bytes"] == res[1]["state_bytes"] < res[3]["state_bytes"]
+    assert all(r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0 for r in res)
+
+
+def test_bench_command_writes_json(tmp_path):
+    path = tmp_path / "bench.json"
+    assert S.main(["--bench", "--random-model", "smollm2-135m", "--lengths", "32", "--decode-steps", "2",
+                   "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    assert doc["task"] == "bench" and doc["model"] == {"random": "smollm2-135m"} and doc["lengths"] == [32]
+    assert [(r["model"], r["context"]) for r in doc["results"]] == [("student", 32), ("teacher", 32)]
+    assert doc["results"][0]["state_bytes"] > 0 and doc["meta"]["decode_steps"] == 2
 
 
 # ----------------------------------------------------------------------------------------------
