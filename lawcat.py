@@ -145,7 +145,7 @@ class Linear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank))  # zero: the student starts unchanged
         self.lora_scale = alpha / rank
 
-    lora_on = True  # teacher_logits() switches LoRA off to get the untouched teacher back
+    lora_on = True  # as_teacher() switches LoRA off to get the untouched teacher back
     merged = None   # W + (alpha / r) B A, set by merge_lora() for inference
 
     def forward(self, x):
