@@ -74,6 +74,8 @@ class Config:
     gate: bool = True                  # data-dependent per-channel decay; off = plain cumulative sum
     gate_rank: int = 16
     gate_norm: float = 16.0            # log_alpha = logsigmoid(gate) / gate_norm
+    gate_halflife: int = 0             # 0: gate bias 0 (every channel starts at a 16-token half-life, as in fla's
+                                       # GLA); N: biases spread so the initial half-lives run from 16 to N tokens
     denom: bool = True                 # normalize by phi(q) . z ("normalized" linear attention)
     linear_rope: bool = False          # RoPE on q, k inside the linear path (the paper: hurts > 3K)
     feature_map: str = "learned"       # "learned" A_h or "identity" (A_h frozen at identity)
@@ -171,6 +173,19 @@ def causal_conv(x, w, cache=None):
     return y, xp[:, xp.shape[1] - (K - 1):].clone()  # a copy: a view would keep all of xp alive in the cache
 
 
+def gate_bias_init(cfg):
+    """(D,) gate biases b with half-lives h = ln 2 / (softplus(-b) / gate_norm) spread log-uniformly over [16, N]
+    tokens across the channels (N = gate_halflife; 0: all zero, h = gate_norm = 16). A decay is data-dependent,
+    but training on 1K tokens gives no reason to hold anything longer: long half-lives must come from the start."""
+    D, N = cfg.head_dim, cfg.gate_halflife
+    if not N:
+        return torch.zeros(D)
+    if N < cfg.gate_norm:
+        raise UserError(f"gate_halflife {N} is below {cfg.gate_norm:g} tokens, the half-life of a zero bias; use 0 or more")
+    h = cfg.gate_norm * (N / cfg.gate_norm) ** torch.linspace(0, 1, D, dtype=torch.float64)
+    return (-torch.expm1(cfg.gate_norm * math.log(2) / h).log()).float()  # softplus(-b) = gate_norm ln 2 / h
+
+
 class LawcatParams(nn.Module):
     """What LAWCAT adds to one attention layer: q/k convs, the feature map, the low-rank gate."""
 
@@ -186,7 +201,8 @@ class LawcatParams(nn.Module):
         if cfg.gate:
             self.gate_down = nn.Parameter(torch.randn(cfg.gate_rank, cfg.dim) * 0.006)
             self.gate_up = nn.Parameter(torch.randn(cfg.n_kv_heads * D, cfg.gate_rank) * 0.006)
-            self.gate_bias = nn.Parameter(torch.zeros(cfg.n_kv_heads * D))
+            self.gate_bias = nn.Parameter(gate_bias_init(cfg).repeat(cfg.n_kv_heads))
+
 
     def phi(self, x):  # x (B, T, H, D) -> (B, T, H, D): [softmax(x A), softmax(-x A)], non-negative
         xa = torch.einsum("bthd,hdf->bthf", x.float(), self.feat.float())
@@ -1214,7 +1230,7 @@ def tokenizer_from_gguf(meta):
 # ----------------------------------------------------------------------------------------------
 # 7. Student checkpoints: only what distillation adds, plus the config and the teacher's identity
 
-LAWCAT_FIELDS = ("conv", "conv_size", "gate", "gate_rank", "gate_norm", "denom", "linear_rope", "feature_map", "eps",
+LAWCAT_FIELDS = ("conv", "conv_size", "gate", "gate_rank", "gate_norm", "gate_halflife", "denom", "linear_rope", "feature_map", "eps",
                  "lora_rank", "lora_alpha")
 
 

@@ -380,6 +380,24 @@ def tiny_student(seed=0, perturb=True, **switches):
     return model.eval()
 
 
+def test_gate_halflife_spreads_the_initial_decays():
+    """--gate-halflife N: with the bias alone (zero input to the low-rank gate), a key stored in the state loses
+    half its weight after 16 to N tokens, log-uniformly over each head's channels; 0 keeps every channel at 16."""
+    def halflives(model, T):
+        p = model.layers[0].attention.lawcat
+        g = F.logsigmoid(p.gate_bias.double()) / model.cfg.gate_norm  # per-token log-decay, (Hkv * D,)
+        weight = torch.cumsum(g.expand(T, -1), 0).exp()  # a key's weight after 1..T tokens
+        return (weight > 0.5).sum(0).double() + 1  # the first token at which it is <= 1/2
+
+    assert torch.equal(halflives(tiny_student(perturb=False), 100), torch.full((32,), 16.))
+    h = halflives(tiny_student(perturb=False, gate_halflife=1000), 2000).view(2, 16)  # (Hkv, D)
+    assert torch.equal(h[0], h[1]) and h[0, 0] == 16 and h[0, -1] == 1000, h
+    ratios = h[0, 1:].log() - h[0, :-1].log()
+    assert (ratios - math.log(1000 / 16) / 15).abs().max() < 0.08, ratios  # log-uniform, up to whole tokens
+    with pytest.raises(L.UserError, match="gate_halflife 8 is below 16"):
+        tiny_student(gate_halflife=8)
+
+
 SWITCHES = [dict(conv=c, gate=g, denom=d, linear_rope=r) for c in (True, False) for g in (True, False)
             for d in (True, False) for r in (False, True)] + [dict(feature_map="identity"), dict(conv_size=2)]
 

@@ -411,9 +411,9 @@ DEFAULTS = dict(cuda=dict(batch_size=16, tokens=10_000_000, log_every=10, eval_e
 
 
 def lawcat_overrides(args):
-    return dict(conv=not args.no_conv, conv_size=args.conv_size, gate=not args.no_gate, denom=not args.no_denom,
-                linear_rope=args.linear_rope, feature_map=args.feature_map, lora_rank=args.lora_rank,
-                lora_alpha=args.lora_alpha)
+    return dict(conv=not args.no_conv, conv_size=args.conv_size, gate=not args.no_gate, gate_halflife=args.gate_halflife,
+                denom=not args.no_denom, linear_rope=args.linear_rope, feature_map=args.feature_map,
+                lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
 
 
 def train(args, model=None, tokenizer=None, on_step=None):
@@ -535,6 +535,8 @@ def get_args(argv=None):
     g.add_argument("--no-conv", action="store_true", help="no causal conv on q and k")
     g.add_argument("--conv-size", type=int, default=4, help="causal conv kernel size")
     g.add_argument("--no-gate", action="store_true", help="no data-dependent decay (plain cumulative sum)")
+    g.add_argument("--gate-halflife", type=int, default=0,
+                   help="initial decay half-lives spread from 16 to this many tokens over each head's channels (0: all 16)")
     g.add_argument("--no-denom", action="store_true", help="no normalizer phi(q).z")
     g.add_argument("--linear-rope", action="store_true", help="apply RoPE to q, k in the linear path")
     g.add_argument("--feature-map", choices=["learned", "identity"], default="learned", help="learned A_h or frozen identity")
