@@ -66,6 +66,13 @@ Measured per kernel (H200, Triton 3.6, bf16, B=1, H=32, T=64K, 2026-12-01):
   registers and ~470 spilled) is most of the backward. Whole op: fwd 2.06 ms, fwd+bwd 10.4 ms. Key slices of
   32 in _grads_bwd with 4 warps hit an illegal address at this size (with 8 warps they run and agree with one
   slice to 1e-4): the CFG below never uses that combination.
+Profiled (ncu --clock-control none, same shape and card): _output_fwd runs 2 CTAs of 4 warps per SM (12.5%
+  occupancy) and issues on 33% of cycles; of its warp stalls 30% wait on global loads (85% of those at the
+  first use of the q, k, g and v tiles: 8 warps per SM cannot hide that latency), 18% on shared memory
+  (cumsum, pivot gathers, layout changes), 15% on fixed latency, 8% at barriers; its 16 spill instructions
+  show no stalls. Next to try: loads for the next chunk issued before this chunk's math. _chunk_sums
+  keeps the memory units 89% busy but DRAM only 49% (2.36 TB/s), stalling on shared memory (MIO throttle and
+  short scoreboard, 40% of stalls: the transpose of k for U = k^T v goes through it); _scan 2.6 TB/s.
 """
 import math
 import os
