@@ -70,7 +70,7 @@ Profiled (ncu --clock-control none, same shape and card): _output_fwd runs 2 CTA
   occupancy) and issues on 33% of cycles; of its warp stalls 30% wait on global loads (85% of those at the
   first use of the q, k, g and v tiles: 8 warps per SM cannot hide that latency), 18% on shared memory
   (cumsum, pivot gathers, layout changes), 15% on fixed latency, 8% at barriers; its 16 spill instructions
-  show no stalls. Next to try: loads for the next chunk issued before this chunk's math. _chunk_sums
+  show no stalls. Not tried yet: A in a kernel of its own (fla's split), so each holds fewer tiles. _chunk_sums
   keeps the memory units 89% busy but DRAM only 49% (2.36 TB/s), stalling on shared memory (MIO throttle and
   short scoreboard, 40% of stalls: the transpose of k for U = k^T v goes through it); _scan 2.6 TB/s.
 """
