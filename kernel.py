@@ -72,7 +72,7 @@ Profiled (ncu --clock-control none, same shape and card): _output_fwd runs 2 CTA
   (cumsum, pivot gathers, layout changes), 15% on fixed latency, 8% at barriers; its 16 spill instructions
   show no stalls. Not tried yet: A in a kernel of its own (fla's split), so each holds fewer tiles. _chunk_sums
   keeps the memory units 89% busy but DRAM only 49% (2.36 TB/s), stalling on shared memory (MIO throttle and
-  short scoreboard, 40% of stalls: the transpose of k for U = k^T v goes through it); _scan 2.6 TB/s.
+  short scoreboard, 40% of stalls; its users: the cumsum and, presumably, k^T for U); _scan 2.6 TB/s.
 """
 import math
 import os
