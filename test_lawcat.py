@@ -1424,6 +1424,15 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, loss):
         assert pa["val"] == pb["val"]
     # and training did something: stage 2's LoRA B left zero
     assert any(p.abs().sum() > 0 for n, p in pa["params"].items() if "lora_B" in n)
+    # the curves: the resumed runs' points continue the interrupted ones' (loss means over the same steps agree)
+    for stage in (1, 2):
+        ca = json.loads((a / f"out/stage{stage}_curve.json").read_text())["curve"]
+        cb = json.loads((b / f"out/stage{stage}_curve.json").read_text())["curve"]
+        assert cb == torch.load(b / f"out/stage{stage}.pt", weights_only=True)["curve"]
+        assert [p["step"] for p in ca] == [p["step"] for p in cb] == [0, 1, 2, 3, 4]  # a point per step here
+        assert [p["val"] for p in ca] == [p["val"] for p in cb] and ca[-1]["val"] is not None
+        assert [p["since"] for p in ca[1:]] == [p["since"] for p in cb[1:]] == [0, 1, 2, 3]
+        assert [p["loss"] for p in ca[1:]] == [p["loss"] for p in cb[1:]]
 
 
 def test_data_cache_rebuilt_only_when_source_changes(tmp_path):

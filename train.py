@@ -292,6 +292,9 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
     accum, total, start = per_rank // micro, args.steps or max(1, args.tokens // seq_tokens), 0
     path = Path(args.out) / f"stage{stage}.pt"
     saved = None  # (path, step) of this stage's last checkpoint, for the messages when a run has to stop
+    # the distillation curve, one point per progress line; it lives in the checkpoint, so a resumed run continues
+    # it exactly, and is copied to stage<N>_curve.json at every save for plotting
+    curve = list(ckpt.get("curve", [])) if ckpt else []
     if ckpt is not None:
         saved = (path, ckpt["step"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -329,6 +332,7 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
         val = ckpt.get("val") if ckpt else evaluate()
         if ckpt is None and val is not None:
             log(f"stage {stage} | step 0/{total} | val {val:.4f}")
+            curve.append(dict(step=0, tokens=0, val=val))
         t_start = t_log = time.time()
         log_step, bad, loss_acc = start, torch.zeros((), dtype=torch.bool, device=device), torch.zeros((), device=device)
         for step in range(start, total):
@@ -368,8 +372,10 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
                 tps = (done - log_step) * seq_tokens / max(now - t_log, 1e-9)
                 if world > 1:
                     dist.all_reduce(loss_acc)
-                elapsed = now - t_start
-                log(f"stage {stage} | step {done}/{total} | loss {loss_acc.item() / world / (done - log_step):.4f}"
+                elapsed, loss_avg = now - t_start, loss_acc.item() / world / (done - log_step)
+                curve.append(dict(step=done, tokens=done * seq_tokens, loss=loss_avg, since=log_step,  # mean over steps since+1..step
+                                  val=val if evaluated else None, tok_s=tps))
+                log(f"stage {stage} | step {done}/{total} | loss {loss_avg:.4f}"
                     + (f" | val {val:.4f}" if evaluated and val is not None else "") + f" | {tps:,.0f} tok/s"
                     + (f" | mfu {100 * fpt * tps / (peak * world):.1f}%" if peak else "")
                     + f" | {fmt_time(elapsed)} elapsed | eta {fmt_time(elapsed / (done - start) * (total - done))}")
@@ -377,7 +383,12 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
             if stopping or done == total or done % args.save_every == 0:
                 if rank == 0:
                     L.save_student(path, raw, ctx["teacher_path"], stage=stage, step=done, total=total, done=done == total,
-                                   optimizer=opt.state_dict(), rng=torch.get_rng_state(), val=val, args=vars(args))
+                                   optimizer=opt.state_dict(), rng=torch.get_rng_state(), val=val, args=vars(args),
+                                   curve=curve)
+                    what = f"attention MSE x {args.mse_weight:g}" if stage == 1 else {"ce": "cross-entropy", "kl": "KL",
+                                                                                       "mix": "(CE + KL) / 2"}[args.loss]
+                    L.atomic_write(path.with_name(f"stage{stage}_curve.json"), lambda f: f.write(json.dumps(
+                        dict(stage=stage, loss=what, curve=curve), indent=1).encode()))
                 saved = (path, done)
             if stopping:
                 log(f"interrupted: saved {path} at step {done}; continue with --resume")
