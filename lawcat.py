@@ -181,7 +181,7 @@ def gate_bias_init(cfg):
     if not N:
         return torch.zeros(D)
     if N < cfg.gate_norm:
-        raise UserError(f"gate_halflife {N} is below {cfg.gate_norm:g} tokens, the half-life of a zero bias; use 0 or more")
+        raise UserError(f"gate_halflife {N} is below {cfg.gate_norm:g} tokens, the half-life of a zero bias; use 0 (off) or at least {cfg.gate_norm:g}")
     h = cfg.gate_norm * (N / cfg.gate_norm) ** torch.linspace(0, 1, D, dtype=torch.float64)
     return (-torch.expm1(cfg.gate_norm * math.log(2) / h).log()).float()  # softplus(-b) = gate_norm ln 2 / h
 
@@ -202,7 +202,6 @@ class LawcatParams(nn.Module):
             self.gate_down = nn.Parameter(torch.randn(cfg.gate_rank, cfg.dim) * 0.006)
             self.gate_up = nn.Parameter(torch.randn(cfg.n_kv_heads * D, cfg.gate_rank) * 0.006)
             self.gate_bias = nn.Parameter(gate_bias_init(cfg).repeat(cfg.n_kv_heads))
-
 
     def phi(self, x):  # x (B, T, H, D) -> (B, T, H, D): [softmax(x A), softmax(-x A)], non-negative
         xa = torch.einsum("bthd,hdf->bthf", x.float(), self.feat.float())

@@ -383,17 +383,14 @@ def tiny_student(seed=0, perturb=True, **switches):
 def test_gate_halflife_spreads_the_initial_decays():
     """--gate-halflife N: with the bias alone (zero input to the low-rank gate), a key stored in the state loses
     half its weight after 16 to N tokens, log-uniformly over each head's channels; 0 keeps every channel at 16."""
-    def halflives(model, T):
+    def halflives(model):  # weight after h tokens = exp(h g) = 1/2
         p = model.layers[0].attention.lawcat
-        g = F.logsigmoid(p.gate_bias.double()) / model.cfg.gate_norm  # per-token log-decay, (Hkv * D,)
-        weight = torch.cumsum(g.expand(T, -1), 0).exp()  # a key's weight after 1..T tokens
-        return (weight > 0.5).sum(0).double() + 1  # the first token at which it is <= 1/2
+        return math.log(2) / -(F.logsigmoid(p.gate_bias.double()) / model.cfg.gate_norm)  # (Hkv * D,)
 
-    assert torch.equal(halflives(tiny_student(perturb=False), 100), torch.full((32,), 16.))
-    h = halflives(tiny_student(perturb=False, gate_halflife=1000), 2000).view(2, 16)  # (Hkv, D)
-    assert torch.equal(h[0], h[1]) and h[0, 0] == 16 and h[0, -1] == 1000, h
-    ratios = h[0, 1:].log() - h[0, :-1].log()
-    assert (ratios - math.log(1000 / 16) / 15).abs().max() < 0.08, ratios  # log-uniform, up to whole tokens
+    assert torch.allclose(halflives(tiny_student(perturb=False)), torch.full((32,), 16., dtype=torch.float64))
+    h = halflives(tiny_student(perturb=False, gate_halflife=4096)).view(2, 16)  # (Hkv, D)
+    want = 16 * (4096 / 16) ** torch.linspace(0, 1, 16, dtype=torch.float64)
+    assert torch.equal(h[0], h[1]) and ((h[0] - want).abs() / want).max() < 1e-5, h
     with pytest.raises(L.UserError, match="gate_halflife 8 is below 16"):
         tiny_student(gate_halflife=8)
 
@@ -1399,6 +1396,21 @@ def run(tmp_path, *extra, interrupt_at=None):
         if (stage, step) == interrupt_at:
             os.kill(os.getpid(), signal.SIGINT)
     return T.train(make_args(tmp_path, *extra), tiny_teacher(), ByteTokenizer(), on_step=on_step)
+
+
+def test_gate_halflife_flag_reaches_the_checkpoint_and_is_checked(tmp_path):
+    assert run(tmp_path, "--stage", "1", "--gate-halflife", "64", "--lr1", "0") == "done"  # lr 0: biases stay at init
+    ckpt = torch.load(tmp_path / "out/stage1.pt", weights_only=True)
+    assert ckpt["config"]["gate_halflife"] == 64
+    want = L.gate_bias_init(tiny_teacher(gate_halflife=64).cfg).repeat(2)
+    for i in range(2):
+        assert torch.equal(ckpt["params"][f"layers.{i}.attention.lawcat.gate_bias"], want)
+    with pytest.raises(L.UserError, match=r"gate_halflife=64 \(now 0\); pass the same flags"):
+        run(tmp_path, "--stage", "2")
+    del ckpt["config"]["gate_halflife"]  # a checkpoint from before the flag: its biases started at 0
+    torch.save(ckpt, tmp_path / "out/stage1.pt")
+    with pytest.raises(L.UserError, match=r"gate_halflife=0 \(now 64\)"):
+        run(tmp_path, "--stage", "2", "--gate-halflife", "64")
 
 
 @pytest.mark.parametrize("loss", ["ce", "mix"])
