@@ -498,6 +498,10 @@ def load(args, device, dtype):
         raise L.UserError("no checkpoint in out/*/stage*.pt: run `python train.py` first, or pass --ckpt PATH "
                           "(a student) or --teacher (the plain teacher)")
     model, tok, c = L.load_student(ckpt, device, dtype, teacher=args.init)
+    if args.decay_scale != 1:  # log-decay = logsigmoid(gate) / gate_norm: every channel forgets decay_scale x as fast
+        if not args.decay_scale > 0 or not model.cfg.gate:
+            raise L.UserError(f"--decay-scale {args.decay_scale:g}: needs a positive number and a student with gates")
+        model.cfg.gate_norm /= args.decay_scale
     runners = [("student", model, contextlib.nullcontext)]
     if not args.no_teacher:
         runners.append(("teacher", model, L.as_teacher))
@@ -590,6 +594,8 @@ def main(argv=None):
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--decay-scale", type=float, default=1.0,
+                   help="multiply the student's log-decays by this at inference (below 1: it forgets more slowly)")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     try:

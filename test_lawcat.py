@@ -565,6 +565,25 @@ def test_student_checkpoint_round_trip_export_and_wrong_teacher(tmp_path):
         L.load_student(tmp_path / "missing.pt")
 
 
+def test_decay_scale_multiplies_the_students_log_decays(monkeypatch, tmp_path):
+    """sample.py --decay-scale s: the loaded student's log-decays are s x those it was trained with."""
+    tokens = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(4))
+    ref = tiny_student()
+    ref.cfg.gate_norm = 16 / 0.25  # log-decay = logsigmoid(gate) / gate_norm
+    with torch.no_grad():
+        want, plain = ref(tokens), tiny_student()(tokens)
+    monkeypatch.setattr(L, "load_student", lambda *a, **k: (tiny_student(), None, {"teacher": "t", "args": {}}))
+    args = argparse.Namespace(random_model=None, ckpt=str(tmp_path / "s.pt"), teacher=False, init=None, no_teacher=True,
+                              decay_scale=0.25)
+    (name, model, _), = S.load(args, torch.device("cpu"), None)[0]
+    with torch.no_grad():
+        got = model(tokens)
+    assert torch.equal(got, want) and rel_err(got, plain) > 1e-3
+    args.decay_scale = 0.
+    with pytest.raises(L.UserError, match="--decay-scale 0: needs a positive number"):
+        S.load(args, torch.device("cpu"), None)
+
+
 def test_merged_lora_inference_matches_and_leaves_the_teacher_exact():
     model = tiny_student()
     tokens = torch.randint(0, 97, (1, 33), generator=torch.Generator().manual_seed(3))
