@@ -175,13 +175,14 @@ def causal_conv(x, w, cache=None):
 
 def gate_bias_init(cfg):
     """(D,) gate biases b with half-lives h = ln 2 / (softplus(-b) / gate_norm) spread log-uniformly over [16, N]
-    tokens across the channels (N = gate_halflife; 0: all zero, h = gate_norm = 16). A decay is data-dependent,
-    but training on 1K tokens gives no reason to hold anything longer: long half-lives must come from the start."""
+    tokens across the channels (N = gate_halflife; 0: all zero, h = gate_norm = 16). Training on 1K tokens gives the
+    decays no reason to hold anything longer; this starts some of them long (README: in one run, it did not help)."""
     D, N = cfg.head_dim, cfg.gate_halflife
     if not N:
         return torch.zeros(D)
     if N < cfg.gate_norm:
-        raise UserError(f"gate_halflife {N} is below {cfg.gate_norm:g} tokens, the half-life of a zero bias; use 0 (off) or at least {cfg.gate_norm:g}")
+        raise UserError(f"gate_halflife {N} is below {cfg.gate_norm:g} tokens, the half-life of a zero bias; "
+                        f"use 0 (off) or at least {cfg.gate_norm:g}")
     h = cfg.gate_norm * (N / cfg.gate_norm) ** torch.linspace(0, 1, D, dtype=torch.float64)
     return (-torch.expm1(cfg.gate_norm * math.log(2) / h).log()).float()  # softplus(-b) = gate_norm ln 2 / h
 
@@ -1229,8 +1230,8 @@ def tokenizer_from_gguf(meta):
 # ----------------------------------------------------------------------------------------------
 # 7. Student checkpoints: only what distillation adds, plus the config and the teacher's identity
 
-LAWCAT_FIELDS = ("conv", "conv_size", "gate", "gate_rank", "gate_norm", "gate_halflife", "denom", "linear_rope", "feature_map", "eps",
-                 "lora_rank", "lora_alpha")
+LAWCAT_FIELDS = ("conv", "conv_size", "gate", "gate_rank", "gate_norm", "gate_halflife", "denom", "linear_rope",
+                 "feature_map", "eps", "lora_rank", "lora_alpha")
 
 
 def teacher_fingerprint(model):

@@ -297,6 +297,8 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
     # the distillation curve, one point per progress line; it lives in the checkpoint, so a resumed run continues
     # it exactly, and is copied to stage<N>_curve.json at every save for plotting
     curve = list(ckpt.get("curve", [])) if ckpt else []
+    what = f"attention MSE x {args.mse_weight:g}" if stage == 1 else \
+        {"ce": "cross-entropy", "kl": "KL", "mix": "(CE + KL) / 2"}[args.loss]
     if ckpt is not None:
         saved = (path, ckpt["step"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -375,7 +377,7 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
                 if world > 1:
                     dist.all_reduce(loss_acc)
                 elapsed, loss_avg = now - t_start, loss_acc.item() / world / (done - log_step)
-                curve.append(dict(step=done, tokens=done * seq_tokens, loss=loss_avg, since=log_step,  # mean over steps since+1..step
+                curve.append(dict(step=done, tokens=done * seq_tokens, loss=loss_avg, since=log_step,  # steps since+1..step
                                   val=val if evaluated else None, tok_s=tps))
                 log(f"stage {stage} | step {done}/{total} | loss {loss_avg:.4f}"
                     + (f" | val {val:.4f}" if evaluated and val is not None else "") + f" | {tps:,.0f} tok/s"
@@ -387,8 +389,6 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
                     L.save_student(path, raw, ctx["teacher_path"], stage=stage, step=done, total=total, done=done == total,
                                    optimizer=opt.state_dict(), rng=torch.get_rng_state(), val=val, args=vars(args),
                                    curve=curve)
-                    what = f"attention MSE x {args.mse_weight:g}" if stage == 1 else {"ce": "cross-entropy", "kl": "KL",
-                                                                                       "mix": "(CE + KL) / 2"}[args.loss]
                     L.atomic_write(path.with_name(f"stage{stage}_curve.json"), lambda f: f.write(json.dumps(
                         dict(stage=stage, loss=what, curve=curve), indent=1).encode()))
                 saved = (path, done)
