@@ -9,7 +9,7 @@ long-context retrieval (passkey, S-NIAH-1/2/3, BABILong QA2/QA3) and prefill/dec
     python sample.py --ppl [--lengths 1K,4K]               # held-out perplexity, student and teacher
     python sample.py --bench [--random-model llama3.2-1b]  # speed/memory; random weights of a preset shape
 
-Evaluation prompts are raw text (no chat template) laid out as in shared/notes/teacher_passkey.md.
+Evaluation prompts are raw text (no chat template), the form in which the small teacher retrieves best.
 The model continues "... The pass key is" greedily and stops at a newline, a stop token, or once its
 first word is complete. Scoring is exact: the first whitespace-separated word of the output, with
 surrounding .,;:!?"'() stripped, must equal the answer (case-insensitive). For the key 12345,
@@ -52,7 +52,7 @@ import torch
 import lawcat as L
 
 # ----------------------------------------------------------------------------------------------
-# Prompts. Passkey and S-NIAH: shared/notes/teacher_passkey.md (raw form); S-NIAH lines from RULER.
+# Prompts. Passkey: the usual instruction, repeated filler and needle (raw form); S-NIAH lines from RULER.
 
 INSTR, FILLER, NEEDLE = L.PASSKEY_INSTR, L.PASSKEY_FILLER, L.PASSKEY_NEEDLE
 Q, A = L.PASSKEY_QUESTION, L.PASSKEY_ANSWER
@@ -583,8 +583,8 @@ def main(argv=None):
     for m, what in (("passkey", "passkey retrieval"), ("niah", "S-NIAH-1/2/3"), ("babilong", "BABILong-style QA2/QA3"),
                     ("ppl", "held-out perplexity"), ("bench", "prefill/decode speed and memory against context length")):
         mode.add_argument(f"--{m}", action="store_true", help=what)
-    p.add_argument("--lengths", help="e.g. 1K,2K,4096 (default: passkey/niah 1K..32K, babilong 0..16K, bench 1K..64K, "
-                                     "on CPU 256..2K)")
+    p.add_argument("--lengths", help="e.g. 1K,2K,4096 (default: passkey/niah 1K..32K, babilong 0..16K, bench 1K..64K "
+                                     "(on CPU 256..2K))")
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     p.add_argument("--trials", type=int, help="per cell (default: 4, babilong 20); --ppl: windows per length (16)")
     p.add_argument("--json", help="results file (default: next to the checkpoint)")
