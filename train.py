@@ -272,7 +272,8 @@ def load_checkpoint(path, model, fingerprint, ignore=()):
         raise L.UserError(f"{path}: distilled from another teacher ({ckpt['teacher']}, fingerprint {ckpt['fingerprint']}), "
                           f"not this --init (fingerprint {fingerprint}); pass that teacher or another --out")
     # a LAWCAT field missing from an older checkpoint had its default then: compare that, not nothing
-    saved = {**{k: getattr(L.Config(), k) for k in L.LAWCAT_FIELDS}, **ckpt["config"]}
+    default = L.Config()
+    saved = {**{k: getattr(default, k) for k in L.LAWCAT_FIELDS}, **ckpt["config"]}
     diff = [f"{k}={v!r} (now {getattr(model.cfg, k, None)!r})" for k, v in saved.items()
             if k not in ignore and getattr(model.cfg, k, None) != v]
     if diff:
