@@ -213,10 +213,28 @@ def make_case(subtask, tok, length, depth, trial):
     return build_babilong(tok, length, subtask, facts, question, prefix, seed), answer
 
 
+def first_word(output):
+    words = output.split()
+    return words[0].strip(".,;:!?\"'()").lower() if words else ""
+
+
 def score(output, answer):
     """1 if the output's first word, surrounding punctuation stripped, equals the answer (any case); else 0."""
-    words = output.split()
-    return int(bool(words) and words[0].strip(".,;:!?\"'()").lower() == answer.lower())
+    return int(first_word(output) == answer.lower())
+
+
+def one_edit_off(output, answer):
+    """1 if the output's first word is one edit from the answer: a character dropped, added or changed, or two
+    neighbours swapped. A student that answers 52565 for 52556 found the key but copied it out of order."""
+    a, b = first_word(output), answer.lower()
+    if a == b or abs(len(a) - len(b)) > 1:
+        return 0
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        swap = len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
+        return int(len(diff) == 1 or swap)
+    short, long = sorted((a, b), key=len)
+    return int(any(long[:i] + long[i + 1:] == short for i in range(len(long))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,7 +301,7 @@ def evaluate(task, runners, tok, lengths, depths, trials, device="cpu", force=Fa
                                 out = answer(model, tok, ids, MAX_NEW[sub])
                                 res["samples"].append(dict(model=name, subtask=sub, length=n, depth=d, trial=trial,
                                                            tokens=len(ids), answer=key, output=out,
-                                                           correct=score(out, key)))
+                                                           correct=score(out, key), near=one_edit_off(out, key)))
                             row[d] = sum(s["correct"] for s in res["samples"][-trials:]) / trials
                     print(f"  {name:7s} {sub:7s} {n:6d}: " + " ".join(f"{row[d]:.2f}" for d in depths)
                           + f"  ({time.time() - t0:.1f} s)", flush=True)
@@ -327,6 +345,16 @@ def print_tables(res):
         accs = ["n/a" if str(n) in res["notes"].get(name, {}) else pct(avg(res["results"][name][sub][str(n)]))
                 for sub in SUBTASKS[res["task"]] for name in names]
         print(f"| {n:6d} | " + " | ".join(f"{a:>{len(c)}s}" for a, c in zip(accs, cols)) + " |")
+    near = {}  # (name, sub, length) -> answers one edit from the key, over all depths
+    for x in res["samples"]:
+        near.setdefault((x["model"], x["subtask"], x["length"]), []).append(x["near"])
+    if any(map(any, near.values())):
+        print(f"\nwrong, but one edit from the answer (a character dropped, added, changed, or two swapped)")
+        print("| length | " + " | ".join(cols) + " |")
+        for n in lengths:
+            cells = [pct(sum(v) / len(v)) if (v := near.get((name, sub, n))) else "n/a"
+                     for sub in SUBTASKS[res["task"]] for name in names]
+            print(f"| {n:6d} | " + " | ".join(f"{a:>{len(c)}s}" for a, c in zip(cells, cols)) + " |")
     for name, notes in res["notes"].items():
         print(f"{name} not run at: " + "; ".join(f"{n} ({why})" for n, why in notes.items()))
 

@@ -1164,6 +1164,14 @@ def test_scoring_is_exact():
     assert S.score(" Office.", "office") == 1 and S.score(" the office", "office") == 0
 
 
+def test_one_edit_off_counts_near_misses_only():
+    for out in (" 52565.", " 5255.", " 2556", " 525566", " 52546"):  # two swapped, one dropped, added, changed
+        assert S.one_edit_off(out, "52556") == 1, out
+    for out in (" 52556.", " 25565", " 5265", " 525", " 5255677", " the key", ""):  # exact, or two edits or more
+        assert S.one_edit_off(out, "52556") == 0, out
+    assert S.one_edit_off(" Hallway.", "hallway") == 0 and S.one_edit_off(" hallwy", "hallway") == 1
+
+
 def test_evaluate_json_shape_and_teacher_limit(tmp_path):
     tok, model = ByteTok(), tiny_model(257, student=True, max_seq_len=300)
     runners = [("student", model, S.contextlib.nullcontext), ("teacher", model, L.as_teacher)]
@@ -1177,7 +1185,7 @@ def test_evaluate_json_shape_and_teacher_limit(tmp_path):
     assert res["results"]["teacher"]["passkey"]["512"] == {"0.1": None, "0.9": None}
     assert res["notes"] == {"teacher": {"512": "n/a (> trained context 300)"}}
     assert len(res["samples"]) == 2 * 2 * 2 + 1 * 2 * 2
-    keys = {"model", "subtask", "length", "depth", "trial", "tokens", "answer", "output", "correct"}
+    keys = {"model", "subtask", "length", "depth", "trial", "tokens", "answer", "output", "correct", "near"}
     assert set(res["samples"][0]) == keys
     json.dumps(res)
     S.print_tables(res)
