@@ -65,9 +65,10 @@ Measured per kernel (H200, Triton 3.6, bf16, B=1, H=32, T=64K, 2026-12-01):
   ms), chunks of 32 (whole op 15% slower); dropping the exact level path saves 10%. _grads_bwd (6.4 ms, 255
   registers and ~470 spilled) is most of the backward. Whole op: fwd 2.06 ms, fwd+bwd 10.4 ms. Key slices of
   32 in _grads_bwd with 4 warps hit an illegal address at this size (with 8 warps they run and agree with one
-  slice to 1e-4): the CFG below never uses that combination. dv in a kernel of its own (offline ptxas of Triton 3.9:
-  _grads_bwd's spills 1366 -> 740 B/thread, the new kernel's none) made fwd+bwd 1.5% slower at T=64K (10.46 vs
-  10.30 ms) and 2% at B=8, T=2K: the spills cost less than reading the inputs a second time.
+  slice to 1e-4): the CFG below never uses that combination. dv in a kernel of its own (spills by the ptxas of Triton 3.9, not
+  the timed 3.6: _grads_bwd's 1366 -> 740 B/thread, the new kernel's none) made fwd+bwd 1.5% slower at T=64K
+  (do_bench medians, one run: 10.46 vs 10.30 ms) and 2% at B=8, T=2K: fewer spills did not pay for reading the
+  inputs a second time.
 Profiled (ncu --clock-control none, same shape and card): _output_fwd runs 2 CTAs of 4 warps per SM (12.5%
   occupancy) and issues on 33% of cycles; of its warp stalls 30% wait on global loads (85% of those at the
   first use of the q, k, g and v tiles: 8 warps per SM cannot hide that latency), 18% on shared memory

@@ -485,6 +485,27 @@ PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION, PASSKEY_ANSWER = "What is the pass key?", "The pass key is"
 
 
+def passkey_prompt(fillers, depth, key):
+    """The passkey prompt: the instruction, `fillers` filler units with the needle after round(depth * fillers)
+    of them, and the question, ending with "The pass key is"."""
+    a = round(depth * fillers)
+    return (f"{PASSKEY_INSTR}\n{' '.join([PASSKEY_FILLER] * a)}\n{PASSKEY_NEEDLE.format(key=key)}\n"
+            f"{' '.join([PASSKEY_FILLER] * (fillers - a))}\n{PASSKEY_QUESTION} {PASSKEY_ANSWER}")
+
+
+def fit_prompt(tok, render, target):
+    """Ids of render(n) for the largest number n of filler units that keeps the prompt <= target tokens
+    (render(0) if even that is longer)."""
+    enc = lambda n: tok.encode(render(n))  # noqa: E731
+    lo, hi = 0, 1
+    while len(enc(hi)) <= target:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if len(enc(mid)) <= target else (lo, mid)
+    return enc(lo)
+
+
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, temperature=0.0, top_k=None, stop_ids=(), seed=None):
     """Prefill the prompt, then decode one token at a time. Yields token ids as they come.

@@ -30,6 +30,7 @@ JSON from --passkey/--niah/--babilong (default path: next to the checkpoint, <ta
                  "teacher": {...}},        # subtasks: passkey | niah1 niah2 niah3 | qa2 qa3
      "notes": {"teacher": {"16384": "n/a (> trained context 8192)"}},   # why a row was not run
      "samples": [{"model", "subtask", "length", "depth", "trial", "tokens", "answer", "output", "correct"}],
+     # print_tables also counts near misses from "answer" and "output": one edit from the key
      "meta": {"device", "dtype", "teacher_context", "seconds", "argv", "python"}}
 """
 import argparse
@@ -54,8 +55,7 @@ import lawcat as L
 # ----------------------------------------------------------------------------------------------
 # Prompts. Passkey: the usual instruction, repeated filler and needle (raw form); S-NIAH lines from RULER.
 
-INSTR, FILLER, NEEDLE = L.PASSKEY_INSTR, L.PASSKEY_FILLER, L.PASSKEY_NEEDLE
-Q, A = L.PASSKEY_QUESTION, L.PASSKEY_ANSWER
+FILLER = L.PASSKEY_FILLER
 INSTR_NIAH = ("Some special magic {kind}s are hidden within the following text. Make sure to memorize it. "
               "I will quiz you about the {kind}s afterwards.")
 NEEDLE_NIAH = "One of the special magic {kind}s for {word} is: {key}."
@@ -101,25 +101,9 @@ def held_out_text():
     return "\n\n".join(docs)
 
 
-def fit(tok, render, target):
-    """Ids of render(n) for the largest number n of filler units that keeps the prompt <= target tokens."""
-    enc = lambda n: tok.encode(render(n))  # noqa: E731
-    lo, hi = 0, 1
-    while len(enc(hi)) <= target:
-        lo, hi = hi, 2 * hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if len(enc(mid)) <= target else (lo, mid)
-    return enc(lo)
-
-
 def build_passkey(tok, length, depth, key):
     """<= length tokens (within one 24-token filler of it); the needle after round(depth * n) of n fillers."""
-    def render(n):
-        a = round(depth * n)
-        return (f"{INSTR}\n{' '.join([FILLER] * a)}\n{NEEDLE.format(key=key)}\n{' '.join([FILLER] * (n - a))}"
-                f"\n{Q} {A}")
-    return fit(tok, render, length)
+    return L.fit_prompt(tok, lambda n: L.passkey_prompt(n, depth, key), length)
 
 
 def build_niah(tok, subtask, length, depth, word, key):
@@ -131,7 +115,7 @@ def build_niah(tok, subtask, length, depth, word, key):
         units, a = [hay[i % len(hay)] for i in range(n)], round(depth * n)
         return (INSTR_NIAH.format(kind=kind) + "\n" + " ".join(units[:a] + [needle] + units[a:]) + "\n"
                 + Q_NIAH.format(kind=kind, word=word) + " " + A_NIAH.format(kind=kind, word=word))
-    return fit(tok, render, length)
+    return L.fit_prompt(tok, render, length)
 
 
 # BABILong-style QA2/QA3: bAbI facts simulated on the fly and scattered, in order, through prose
@@ -194,7 +178,7 @@ def build_babilong(tok, length, task, facts, question, prefix, seed):
         for p, f in reversed(list(zip(places, facts))):  # from the back, so the facts keep their order
             units.insert(p, f)
         return f"{INSTR_BABI}\n{EXAMPLE[task]}\n\nContext: {' '.join(units)}\nQuestion: {question}\nAnswer: {prefix}"
-    return fit(tok, render, length) if length else tok.encode(render(0))
+    return L.fit_prompt(tok, render, length) if length else tok.encode(render(0))
 
 
 def make_case(subtask, tok, length, depth, trial):
@@ -214,12 +198,13 @@ def make_case(subtask, tok, length, depth, trial):
 
 
 def first_word(output):
+    """The answer a model gave: its output's first word, surrounding punctuation stripped, lower case."""
     words = output.split()
     return words[0].strip(".,;:!?\"'()").lower() if words else ""
 
 
 def score(output, answer):
-    """1 if the output's first word, surrounding punctuation stripped, equals the answer (any case); else 0."""
+    """1 if the output's first word equals the answer (any case); else 0."""
     return int(first_word(output) == answer.lower())
 
 
@@ -227,14 +212,14 @@ def one_edit_off(output, answer):
     """1 if the output's first word is one edit from the answer: a character dropped, added or changed, or two
     neighbours swapped. A student that answers 52565 for 52556 found the key but copied it out of order."""
     a, b = first_word(output), answer.lower()
-    if a == b or abs(len(a) - len(b)) > 1:
+    if not a or a == b or abs(len(a) - len(b)) > 1:
         return 0
     if len(a) == len(b):
         diff = [i for i in range(len(a)) if a[i] != b[i]]
         swap = len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
         return int(len(diff) == 1 or swap)
-    short, long = sorted((a, b), key=len)
-    return int(any(long[:i] + long[i + 1:] == short for i in range(len(long))))
+    shorter, longer = sorted((a, b), key=len)
+    return int(any(longer[:i] + longer[i + 1:] == shorter for i in range(len(longer))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,7 +286,7 @@ def evaluate(task, runners, tok, lengths, depths, trials, device="cpu", force=Fa
                                 out = answer(model, tok, ids, MAX_NEW[sub])
                                 res["samples"].append(dict(model=name, subtask=sub, length=n, depth=d, trial=trial,
                                                            tokens=len(ids), answer=key, output=out,
-                                                           correct=score(out, key), near=one_edit_off(out, key)))
+                                                           correct=score(out, key)))
                             row[d] = sum(s["correct"] for s in res["samples"][-trials:]) / trials
                     print(f"  {name:7s} {sub:7s} {n:6d}: " + " ".join(f"{row[d]:.2f}" for d in depths)
                           + f"  ({time.time() - t0:.1f} s)", flush=True)
@@ -345,15 +330,19 @@ def print_tables(res):
         accs = ["n/a" if str(n) in res["notes"].get(name, {}) else pct(avg(res["results"][name][sub][str(n)]))
                 for sub in SUBTASKS[res["task"]] for name in names]
         print(f"| {n:6d} | " + " | ".join(f"{a:>{len(c)}s}" for a, c in zip(accs, cols)) + " |")
-    near = {}  # (name, sub, length) -> answers one edit from the key, over all depths
+    near = {}  # (name, sub, length) -> one_edit_off of each answer, over all depths
     for x in res["samples"]:
-        near.setdefault((x["model"], x["subtask"], x["length"]), []).append(x["near"])
-    if any(map(any, near.values())):
-        print(f"\nwrong, but one edit from the answer (a character dropped, added, changed, or two swapped)")
+        near.setdefault((x["model"], x["subtask"], x["length"]), []).append(one_edit_off(x["output"], x["answer"]))
+    if any(map(any, near.values())):  # only when some answer is a near miss
+        print("\nnear misses: answers one edit from the key (a character dropped, added, changed, or two swapped), "
+              "as a share of all answers")
         print("| length | " + " | ".join(cols) + " |")
         for n in lengths:
-            cells = [pct(sum(v) / len(v)) if (v := near.get((name, sub, n))) else "n/a"
-                     for sub in SUBTASKS[res["task"]] for name in names]
+            cells = []
+            for sub in SUBTASKS[res["task"]]:
+                for name in names:
+                    v = near.get((name, sub, n))
+                    cells.append(pct(sum(v) / len(v)) if v else "n/a")
             print(f"| {n:6d} | " + " | ".join(f"{a:>{len(c)}s}" for a, c in zip(cells, cols)) + " |")
     for name, notes in res["notes"].items():
         print(f"{name} not run at: " + "; ".join(f"{n} ({why})" for n, why in notes.items()))

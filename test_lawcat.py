@@ -1107,7 +1107,7 @@ def test_needle_builders_hit_length_and_depth(smol_tok, subtask):
             assert length - slack <= len(ids) <= length, (length, len(ids))
             text = tok.decode(ids)
             if subtask == "passkey":
-                needle = S.NEEDLE.format(key=key)
+                needle = L.PASSKEY_NEEDLE.format(key=key)
             else:
                 word = re.search(r"magic \w+ for (\w+) mentioned", text).group(1)
                 needle = S.NEEDLE_NIAH.format(kind="uuid" if subtask == "niah3" else "number", word=word, key=key)
@@ -1167,9 +1167,26 @@ def test_scoring_is_exact():
 def test_one_edit_off_counts_near_misses_only():
     for out in (" 52565.", " 5255.", " 2556", " 525566", " 52546"):  # two swapped, one dropped, added, changed
         assert S.one_edit_off(out, "52556") == 1, out
-    for out in (" 52556.", " 25565", " 5265", " 525", " 5255677", " the key", ""):  # exact, or two edits or more
+    # exact; two neighbours changed, not swapped; a swap of far-apart characters; two changes; longer edits; nothing
+    for out in (" 52556.", " 52599", " 62555", " 32553", " 25565", " 5265", " 525", " 5255677", " the key", ""):
         assert S.one_edit_off(out, "52556") == 0, out
     assert S.one_edit_off(" Hallway.", "hallway") == 0 and S.one_edit_off(" hallwy", "hallway") == 1
+    assert S.one_edit_off("", "7") == 0 and S.one_edit_off(" 8", "7") == 1
+
+
+def test_near_miss_table(capsys):
+    sample = lambda model, n, output: dict(model=model, subtask="passkey", length=n, depth="0.5", trial=0, tokens=n,
+                                           answer="52556", output=output, correct=S.score(output, "52556"))
+    res = dict(task="passkey", lengths=[256, 512], depths=["0.5"], trials=2, notes={"teacher": {"512": "n/a"}},
+               results={m: {"passkey": {"256": {"0.5": 0.5}, "512": {"0.5": None if m == "teacher" else 0.0}}}
+                        for m in ("student", "teacher")},
+               samples=[sample("student", 256, " 52556."), sample("student", 256, " 52565."),
+                        sample("student", 512, " 1234"), sample("student", 512, " 5256"),
+                        sample("teacher", 256, " 52556"), sample("teacher", 256, " 52556")])
+    S.print_tables(res)
+    near = capsys.readouterr().out.split("near misses")[1].splitlines()
+    assert near[2].split("|")[2:4] == ["             50% ", "              0% "]  # 256: one of two; none of two
+    assert near[3].split("|")[2:4] == ["             50% ", "             n/a "]  # 512: the teacher did not run
 
 
 def test_evaluate_json_shape_and_teacher_limit(tmp_path):
@@ -1185,7 +1202,7 @@ def test_evaluate_json_shape_and_teacher_limit(tmp_path):
     assert res["results"]["teacher"]["passkey"]["512"] == {"0.1": None, "0.9": None}
     assert res["notes"] == {"teacher": {"512": "n/a (> trained context 300)"}}
     assert len(res["samples"]) == 2 * 2 * 2 + 1 * 2 * 2
-    keys = {"model", "subtask", "length", "depth", "trial", "tokens", "answer", "output", "correct", "near"}
+    keys = {"model", "subtask", "length", "depth", "trial", "tokens", "answer", "output", "correct"}
     assert set(res["samples"][0]) == keys
     json.dumps(res)
     S.print_tables(res)
@@ -1320,7 +1337,8 @@ def make_args(tmp_path, *extra, text=TEXT):
         data.write_text(text)
     return T.get_args(["--init", "tiny", "--data", str(data), "--out", str(tmp_path / "out"), "--cache-dir",
                        str(tmp_path / "cache"), "--seq-len", "32", "--batch-size", "2", "--steps", "4",
-                       "--log-every", "1", "--eval-every", "2", "--eval-seqs", "2", "--save-every", "2", *extra])
+                       "--log-every", "1", "--eval-every", "2", "--eval-seqs", "2", "--save-every", "2",
+                       "--passkey-frac", "0", *extra])  # 33 bytes hold no passkey prompt: test_passkey_data_mix
 
 
 def fixed_batch(n=2, T_=33, seed=1):
@@ -1445,7 +1463,7 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, loss):
     monkeypatch.setattr(T, "LOSS_CHUNK", 7)  # several recomputed pieces of the stage-2 loss per micro-batch
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    extra = ("--passkey-frac", "0.3", "--save-every", "100", "--loss", loss)
+    extra = ("--seq-len", "255", "--passkey-frac", "0.3", "--save-every", "100", "--loss", loss)  # room for passkeys
     assert run(a, *extra) == "done"
     assert run(b, *extra, interrupt_at=(1, 3)) == "interrupted"
     assert torch.load(b / "out/stage1.pt", weights_only=True)["step"] == 3
@@ -1507,15 +1525,33 @@ def test_data_cache_rebuilt_only_when_source_changes(tmp_path):
 def test_passkey_sequences(tmp_path):
     tok = ByteTokenizer()
     rng = np.random.default_rng(0)
-    for n in (300, 1000):
+    for n in (400, 1000):
         ids = T.passkey_sequence(tok, n, rng)
         text = tok.decode(ids)
-        assert len(ids) == n
-        key = text.rsplit(" ", 1)[1]
-        assert len(key) == 5 and f"The pass key is {key}. Remember it. {key} is the pass key." in text
-        assert text.endswith(f"What is the pass key? The pass key is {key}")
-    depths = [tok.decode(T.passkey_sequence(tok, 1000, rng)).index("The pass key") for _ in range(20)]
-    assert min(depths) < 300 and max(depths) > 600  # random depth
+        key = text.split("The pass key is ")[1][:5]
+        assert len(ids) == n and key.isdigit()
+        prompt, after = text.split(f"\nWhat is the pass key? The pass key is {key}.")
+        fillers = prompt.count(L.PASSKEY_FILLER)  # the prompt is the evaluation's, to the character
+        assert any(prompt + "\nWhat is the pass key? The pass key is" == L.passkey_prompt(fillers, d, key)
+                   for d in np.linspace(0, 1, 2 * fillers + 1))
+        assert tok.decode(S.build_passkey(tok, len(tok.encode(prompt)) + 40, 0.5, key)).startswith(L.PASSKEY_INSTR + "\n")
+        assert (("\n" + L.PASSKEY_FILLER) * 40).startswith(after)  # filler after the answer
+    texts = [tok.decode(T.passkey_sequence(tok, 1000, rng)) for _ in range(20)]
+    depths = [t.index("The pass key") for t in texts]
+    assert min(depths) < 350 and max(depths) > 650  # random depth
+    with pytest.raises(L.UserError, match="--seq-len"):
+        T.passkey_sequence(tok, 200, rng)
+
+
+def test_passkey_data_mix():
+    tokens = np.frombuffer(TEXT.encode(), dtype=np.uint8).astype(np.int64)
+    data = T.Data(tokens, 400, ByteTokenizer(), seed=3, passkey_frac=0.5)
+    seqs = [data.sample(s) for s in range(40)]
+    mixed = [tok_text for x in seqs if (tok_text := ByteTokenizer().decode(x)).startswith(L.PASSKEY_INSTR)]
+    assert all(len(x) == 401 for x in seqs) and 10 <= len(mixed) <= 30  # about half, each a whole prompt
+    assert all(np.array_equal(a, b) for a, b in zip(seqs, [data.sample(s) for s in range(40)]))  # a function of (seed, s)
+    with pytest.raises(L.UserError, match="--seq-len 32"):  # at construction, not at the first passkey sample
+        T.Data(tokens, 32, ByteTokenizer(), passkey_frac=0.1)
 
 
 def error(capsys, argv):
