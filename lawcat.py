@@ -494,8 +494,8 @@ def passkey_prompt(fillers, depth, key):
 
 
 def fit_prompt(tok, render, target):
-    """Ids of render(n) for the largest number n of filler units that keeps the prompt <= target tokens
-    (render(0) if even that is longer)."""
+    """(ids of render(n), n) for the largest number n of filler units that keeps the prompt <= target tokens
+    (n = 0 if even that is longer)."""
     enc = lambda n: tok.encode(render(n))  # noqa: E731
     lo, hi = 0, 1
     while len(enc(hi)) <= target:
@@ -503,7 +503,7 @@ def fit_prompt(tok, render, target):
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if len(enc(mid)) <= target else (lo, mid)
-    return enc(lo)
+    return enc(lo), lo
 
 
 @torch.no_grad()

@@ -103,7 +103,7 @@ def held_out_text():
 
 def build_passkey(tok, length, depth, key):
     """<= length tokens (within one 24-token filler of it); the needle after round(depth * n) of n fillers."""
-    return L.fit_prompt(tok, lambda n: L.passkey_prompt(n, depth, key), length)
+    return L.fit_prompt(tok, lambda n: L.passkey_prompt(n, depth, key), length)[0]
 
 
 def build_niah(tok, subtask, length, depth, word, key):
@@ -115,7 +115,7 @@ def build_niah(tok, subtask, length, depth, word, key):
         units, a = [hay[i % len(hay)] for i in range(n)], round(depth * n)
         return (INSTR_NIAH.format(kind=kind) + "\n" + " ".join(units[:a] + [needle] + units[a:]) + "\n"
                 + Q_NIAH.format(kind=kind, word=word) + " " + A_NIAH.format(kind=kind, word=word))
-    return L.fit_prompt(tok, render, length)
+    return L.fit_prompt(tok, render, length)[0]
 
 
 # BABILong-style QA2/QA3: bAbI facts simulated on the fly and scattered, in order, through prose
@@ -178,7 +178,7 @@ def build_babilong(tok, length, task, facts, question, prefix, seed):
         for p, f in reversed(list(zip(places, facts))):  # from the back, so the facts keep their order
             units.insert(p, f)
         return f"{INSTR_BABI}\n{EXAMPLE[task]}\n\nContext: {' '.join(units)}\nQuestion: {question}\nAnswer: {prefix}"
-    return L.fit_prompt(tok, render, length) if length else tok.encode(render(0))
+    return L.fit_prompt(tok, render, length)[0] if length else tok.encode(render(0))
 
 
 def make_case(subtask, tok, length, depth, trial):

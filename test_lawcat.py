@@ -1530,17 +1530,36 @@ def test_passkey_sequences(tmp_path):
         text = tok.decode(ids)
         key = text.split("The pass key is ")[1][:5]
         assert len(ids) == n and key.isdigit()
-        prompt, after = text.split(f"\nWhat is the pass key? The pass key is {key}.")
+        prompt = text.split(f"\nWhat is the pass key? The pass key is {key}.")[0]
         fillers = prompt.count(L.PASSKEY_FILLER)  # the prompt is the evaluation's, to the character
-        assert any(prompt + "\nWhat is the pass key? The pass key is" == L.passkey_prompt(fillers, d, key)
-                   for d in np.linspace(0, 1, 2 * fillers + 1))
-        assert tok.decode(S.build_passkey(tok, len(tok.encode(prompt)) + 40, 0.5, key)).startswith(L.PASSKEY_INSTR + "\n")
-        assert (("\n" + L.PASSKEY_FILLER) * 40).startswith(after)  # filler after the answer
-    texts = [tok.decode(T.passkey_sequence(tok, 1000, rng)) for _ in range(20)]
+        slots = [d for d in np.linspace(0, 1, 2 * fillers + 1)
+                 if L.passkey_prompt(fillers, d, key) == prompt + "\nWhat is the pass key? The pass key is"]
+        assert slots  # then the answer and filler, tokenized as one text
+        rest = f" {key}." + ("\n" + L.PASSKEY_FILLER) * 20
+        assert ids == tok.encode(L.passkey_prompt(fillers, slots[0], key) + rest)[:n]
+    texts = [tok.decode(T.passkey_sequence(tok, 1000, rng)) for _ in range(40)]
+    after_instr = [t.startswith(L.PASSKEY_INSTR + "\n\nThe pass key is") for t in texts]  # no filler between
+    before_question = ["key.\n\nWhat is" in t for t in texts]
+    assert any(after_instr) and any(before_question)  # both end slots occur
     depths = [t.index("The pass key") for t in texts]
-    assert min(depths) < 350 and max(depths) > 650  # random depth
+    assert min(depths) < 200 and max(depths) > 700  # random depth
     with pytest.raises(L.UserError, match="--seq-len"):
         T.passkey_sequence(tok, 200, rng)
+
+
+@needs_smol
+def test_passkey_sequences_match_the_evaluation_tokens(smol_tok):
+    """With the teacher's tokenizer, a training sequence is the evaluation's prompt ids, then the ids the model
+    would generate for the key."""
+    ids = T.passkey_sequence(smol_tok, 1025, np.random.default_rng(1))
+    text = smol_tok.decode(ids)
+    key = text.split("The pass key is ")[1][:5]
+    fillers = text.split("\nWhat is")[0].count(L.PASSKEY_FILLER)
+    prompts = [smol_tok.encode(L.passkey_prompt(fillers, d, key)) for d in np.linspace(0, 1, 2 * fillers + 1)]
+    prompt = next(p for p in prompts if ids[:len(p)] == p)
+    answer = smol_tok.encode(L.passkey_prompt(fillers, 0.5, key) + f" {key}.")[len(prompts[fillers]):]
+    assert ids[len(prompt):len(prompt) + len(answer)] == answer and smol_tok.decode(answer) == f" {key}."
+    assert len(ids) == 1025
 
 
 def test_passkey_data_mix():

@@ -180,15 +180,16 @@ def passkey_sequence(tok, n, rng):
     One template for training and evaluation, so that results past the 1K training length measure length: with
     another (no instruction, no line breaks), a student that copied every key in it missed 12 of the 29 keys
     with a repeated digit in the evaluation's (README)."""
-    key, depth = int(rng.integers(10000, 100000)), rng.random()
-    ids = L.fit_prompt(tok, lambda k: L.passkey_prompt(k, depth, key) + f" {key}.", n)
+    key, u = int(rng.integers(10000, 100000)), rng.random()
+    slot = lambda k: min(int(u * (k + 1)), k) / max(k, 1)  # noqa: E731  the needle: each of k + 1 slots equally likely
+    ids, k = L.fit_prompt(tok, lambda k: L.passkey_prompt(k, slot(k), key) + f" {key}.", n)
     if len(ids) > n:
         raise L.UserError(f"a passkey sequence needs at least {len(ids)} tokens, more than --seq-len {n - 1} + 1; "
                           "raise --seq-len or pass --passkey-frac 0")
-    pad = tok.encode("\n" + L.PASSKEY_FILLER, bos=False)
-    while len(ids) < n:
-        ids = ids + pad
-    return ids[:n]
+    pad = len(tok.encode("\n" + L.PASSKEY_FILLER, bos=False))
+    # one string, so the joins tokenize as in any text (".\n" is one token for some tokenizers)
+    text = L.passkey_prompt(k, slot(k), key) + f" {key}." + ("\n" + L.PASSKEY_FILLER) * ((n - len(ids)) // pad + 2)
+    return tok.encode(text)[:n]
 
 
 # ----------------------------------------------------------------------------------------------
