@@ -182,14 +182,14 @@ def passkey_sequence(tok, n, rng):
     with a repeated digit in the evaluation's (README)."""
     key, u = int(rng.integers(10000, 100000)), rng.random()
     slot = lambda k: min(int(u * (k + 1)), k) / max(k, 1)  # noqa: E731  the needle: each of k + 1 slots equally likely
-    ids, k = L.fit_prompt(tok, lambda k: L.passkey_prompt(k, slot(k), key) + f" {key}.", n)
+    render = lambda k: L.passkey_prompt(k, slot(k), key) + f" {key}."  # noqa: E731
+    ids, k = L.fit_prompt(tok, render, n)
     if len(ids) > n:
         raise L.UserError(f"a passkey sequence needs at least {len(ids)} tokens, more than --seq-len {n - 1} + 1; "
                           "raise --seq-len or pass --passkey-frac 0")
     pad = len(tok.encode("\n" + L.PASSKEY_FILLER, bos=False))
-    # one string, so the joins tokenize as in any text (".\n" is one token for some tokenizers)
-    text = L.passkey_prompt(k, slot(k), key) + f" {key}." + ("\n" + L.PASSKEY_FILLER) * ((n - len(ids)) // pad + 2)
-    return tok.encode(text)[:n]
+    # filler to the end, in one string with the rest so the joins tokenize as in any text (".\n" is one token in some)
+    return tok.encode(render(k) + ("\n" + L.PASSKEY_FILLER) * ((n - len(ids)) // pad + 2))[:n]
 
 
 # ----------------------------------------------------------------------------------------------
