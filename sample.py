@@ -323,27 +323,29 @@ def print_tables(res):
                 cells = [note] if note else [f"{pct(row[d]):>6s}" for d in depths] + [f"{pct(avg(row)):>4s}"]
                 print(f"| {n:6d} | " + " | ".join(cells) + " |")
     cols = [f"{sub} {name}" for sub in SUBTASKS[res["task"]] for name in names]
-    how = "mean over depths" if len(depths) > 1 else f"{res['trials']} trials per cell"
-    print(f"\n{res['task']}: accuracy, {how}")
-    print("| length | " + " | ".join(cols) + " |")
-    for n in lengths:
-        accs = ["n/a" if str(n) in res["notes"].get(name, {}) else pct(avg(res["results"][name][sub][str(n)]))
-                for sub in SUBTASKS[res["task"]] for name in names]
-        print(f"| {n:6d} | " + " | ".join(f"{a:>{len(c)}s}" for a, c in zip(accs, cols)) + " |")
+
+    def summary(title, cell):  # one row per length, one column per (subtask, model): cell(name, sub, n) -> text
+        print(f"\n{title}\n| length | " + " | ".join(cols) + " |")
+        for n in lengths:
+            cells = [cell(name, sub, n) for sub in SUBTASKS[res["task"]] for name in names]
+            print(f"| {n:6d} | " + " | ".join(f"{a:>{len(c)}s}" for a, c in zip(cells, cols)) + " |")
+
+    def accuracy(name, sub, n):
+        return "n/a" if str(n) in res["notes"].get(name, {}) else pct(avg(res["results"][name][sub][str(n)]))
+
     near = {}  # (name, sub, length) -> one_edit_off of each answer, over all depths
     for x in res["samples"]:
         near.setdefault((x["model"], x["subtask"], x["length"]), []).append(one_edit_off(x["output"], x["answer"]))
+
+    def near_share(name, sub, n):
+        v = near.get((name, sub, n))
+        return pct(sum(v) / len(v)) if v else "n/a"
+
+    summary(f"{res['task']}: accuracy, " + ("mean over depths" if len(depths) > 1 else f"{res['trials']} trials per cell"),
+            accuracy)
     if any(map(any, near.values())):  # only when some answer is a near miss
-        print("\nnear misses: answers one edit from the key (a character dropped, added, changed, or two swapped), "
-              "as a share of all answers")
-        print("| length | " + " | ".join(cols) + " |")
-        for n in lengths:
-            cells = []
-            for sub in SUBTASKS[res["task"]]:
-                for name in names:
-                    v = near.get((name, sub, n))
-                    cells.append(pct(sum(v) / len(v)) if v else "n/a")
-            print(f"| {n:6d} | " + " | ".join(f"{a:>{len(c)}s}" for a, c in zip(cells, cols)) + " |")
+        summary("near misses: answers one edit from the key (a character dropped, added, changed, or two swapped), "
+                "as a share of all answers", near_share)
     for name, notes in res["notes"].items():
         print(f"{name} not run at: " + "; ".join(f"{n} ({why})" for n, why in notes.items()))
 
