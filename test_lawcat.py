@@ -1463,7 +1463,7 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, loss):
     monkeypatch.setattr(T, "LOSS_CHUNK", 7)  # several recomputed pieces of the stage-2 loss per micro-batch
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    extra = ("--seq-len", "255", "--passkey-frac", "0.3", "--save-every", "100", "--loss", loss)  # room for passkeys
+    extra = ("--seq-len", "271", "--passkey-frac", "0.3", "--save-every", "100", "--loss", loss)  # room for passkeys
     assert run(a, *extra) == "done"
     assert run(b, *extra, interrupt_at=(1, 3)) == "interrupted"
     assert torch.load(b / "out/stage1.pt", weights_only=True)["step"] == 3
@@ -1528,8 +1528,8 @@ def test_passkey_sequences(tmp_path):
     for n in (400, 1000):
         ids = T.passkey_sequence(tok, n, rng)
         text = tok.decode(ids)
-        key = text.split("The pass key is ")[1][:5]
-        assert len(ids) == n and key.isdigit()
+        key = re.match(r"\d+", text.split("The pass key is ")[1])[0]
+        assert len(ids) == n and 4 <= len(key) <= 8
         prompt = text.split(f"\nWhat is the pass key? The pass key is {key}.")[0]
         fillers = prompt.count(L.PASSKEY_FILLER)  # the prompt is the evaluation's, to the character
         slots = [d for d in np.linspace(0, 1, 2 * fillers + 1)
@@ -1543,6 +1543,8 @@ def test_passkey_sequences(tmp_path):
     assert any(after_instr) and any(before_question)  # both end slots occur
     depths = [t.index("The pass key") for t in texts]
     assert min(depths) < 200 and max(depths) > 700  # random depth
+    digits = {len(re.match(r"\d+", t.split("The pass key is ")[1])[0]) for t in texts}
+    assert digits == set(range(4, 9))  # the answer ends with the key, not after a fixed count of digits
     with pytest.raises(L.UserError, match="--seq-len"):
         T.passkey_sequence(tok, 200, rng)
 
@@ -1553,7 +1555,7 @@ def test_passkey_sequences_match_the_evaluation_tokens(smol_tok):
     would generate for the key."""
     ids = T.passkey_sequence(smol_tok, 1025, np.random.default_rng(1))
     text = smol_tok.decode(ids)
-    key = text.split("The pass key is ")[1][:5]
+    key = re.match(r"\d+", text.split("The pass key is ")[1])[0]
     fillers = text.split("\nWhat is")[0].count(L.PASSKEY_FILLER)
     prompts = [smol_tok.encode(L.passkey_prompt(fillers, d, key)) for d in np.linspace(0, 1, 2 * fillers + 1)]
     prompt = next(p for p in prompts if ids[:len(p)] == p)
@@ -1571,6 +1573,11 @@ def test_passkey_data_mix():
     assert all(np.array_equal(a, b) for a, b in zip(seqs, [data.sample(s) for s in range(40)]))  # a function of (seed, s)
     with pytest.raises(L.UserError, match="--seq-len 32"):  # at construction, not at the first passkey sample
         T.Data(tokens, 32, ByteTokenizer(), passkey_frac=0.1)
+    fits = lambda n, key: len(L.fit_prompt(ByteTokenizer(), lambda k: L.passkey_prompt(k, 0, key) + f" {key}.", n)[0]) <= n  # noqa: E731
+    n = next(n for n in range(100, 400) if fits(n, 1000000))  # a 7-digit key fits, an 8-digit one does not
+    assert not fits(n, 99999999)
+    with pytest.raises(L.UserError, match=f"--seq-len {n - 1}"):  # the longest key decides, whatever the seed draws
+        T.Data(tokens, n - 1, ByteTokenizer(), seed=1, passkey_frac=0.1)  # (seed 1's first key has 6 digits)
 
 
 def error(capsys, argv):
