@@ -40,6 +40,7 @@ import lawcat as L
 # Data: text files -> one token file (memory-mapped, cached next to a manifest) -> 1K-token sequences
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl")
+PASSKEY_DIGITS = (4, 8)  # the synthetic training keys' fewest and most digits
 
 
 def default_sources():
@@ -154,7 +155,9 @@ class Data:
         self.train = np.setdiff1d(idx, self.val)
         self.tokens, self.seq_len, self.tok, self.seed, self.passkey_frac = tokens, seq_len, tok, seed, passkey_frac
         self._perm = (None, None)
-        if passkey_frac:  # a sequence too short for the longest passkey prompt fails here, not at a random later step
+        # a sequence too short for the longest passkey prompt fails here, not at a random later step (the longest:
+        # 99999999 is as many tokens as any key in tokenizers that split numbers into digits or groups of 3, as Llama 3's)
+        if passkey_frac:
             passkey_sequence(tok, seq_len + 1, np.random.default_rng(seed), key=10 ** PASSKEY_DIGITS[1] - 1)
 
     def window(self, i):
@@ -174,18 +177,17 @@ class Data:
         return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
 
 
-PASSKEY_DIGITS = (4, 8)  # the training keys' fewest and most digits
-
-
 def passkey_sequence(tok, n, rng, key=None):
     """n tokens: the passkey prompt that sample.py evaluates with (L.passkey_prompt), the needle at a random
     depth, then the answer and filler to the end: the synthetic retrieval data of the official passkey data mix.
     One template for training and evaluation, so that results past the 1K training length measure length: with
     another (no instruction, no line breaks), a student that copied every key in it missed 12 of the 29 keys
     with a repeated digit in the evaluation's (README). Keys have 4 to 8 digits (the evaluation's have 5), so
-    the answer ends where the key ends, not after a learned count of digits."""
-    digits = int(rng.integers(PASSKEY_DIGITS[0], PASSKEY_DIGITS[1] + 1))
-    key = int(rng.integers(10 ** (digits - 1), 10 ** digits)) if key is None else key
+    the answer ends where the key ends, not after a learned count of digits. `key` fixes the key (Data's length
+    check); the rng draws it otherwise."""
+    if key is None:
+        digits = int(rng.integers(PASSKEY_DIGITS[0], PASSKEY_DIGITS[1] + 1))
+        key = int(rng.integers(10 ** (digits - 1), 10 ** digits))
     u = rng.random()
     slot = lambda k: min(int(u * (k + 1)), k) / max(k, 1)  # noqa: E731  the needle: each of k + 1 slots equally likely
     render = lambda k: L.passkey_prompt(k, slot(k), key) + f" {key}."  # noqa: E731
