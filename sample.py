@@ -30,7 +30,8 @@ JSON from --passkey/--niah/--babilong (default path: next to the checkpoint, <ta
                  "teacher": {...}},        # subtasks: passkey | niah1 niah2 niah3 | qa2 qa3
      "notes": {"teacher": {"16384": "n/a (> trained context 8192)"}},   # why a row was not run
      "samples": [{"model", "subtask", "length", "depth", "trial", "tokens", "answer", "output", "correct"}],
-     # print_tables also counts near misses from "answer" and "output": one edit from the key
+     # print_tables also counts, from "answer" and "output", near misses (one edit from the key) and
+     # answers cut short (a proper prefix of the key)
      "meta": {"device", "dtype", "teacher_context", "seconds", "argv", "python"}}
 """
 import argparse
@@ -222,6 +223,13 @@ def one_edit_off(output, answer):
     return int(any(longer[:i] + longer[i + 1:] == shorter for i in range(len(longer))))
 
 
+def cut_short(output, answer):
+    """1 if the output's first word is a proper prefix of the answer: the model began the key and stopped too early
+    (at 8K a student answered 887 for the key 88720)."""
+    a = first_word(output)
+    return int(0 < len(a) < len(answer) and answer.lower().startswith(a))
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -333,19 +341,25 @@ def print_tables(res):
     def accuracy(name, sub, n):
         return "n/a" if str(n) in res["notes"].get(name, {}) else pct(avg(res["results"][name][sub][str(n)]))
 
-    near = {}  # (name, sub, length) -> one_edit_off of each answer, over all depths
+    misses = {}  # (name, sub, length) -> (one_edit_off, cut_short) of each answer, over all depths
     for x in res["samples"]:
-        near.setdefault((x["model"], x["subtask"], x["length"]), []).append(one_edit_off(x["output"], x["answer"]))
+        misses.setdefault((x["model"], x["subtask"], x["length"]), []).append(
+            (one_edit_off(x["output"], x["answer"]), cut_short(x["output"], x["answer"])))
 
-    def near_share(name, sub, n):
-        v = near.get((name, sub, n))
-        return pct(sum(v) / len(v)) if v else "n/a"
+    def share(i):  # cell(name, sub, n) -> the share of answers that are misses of kind i
+        def cell(name, sub, n):
+            v = misses.get((name, sub, n))
+            return pct(sum(m[i] for m in v) / len(v)) if v else "n/a"
+        return cell
 
     summary(f"{res['task']}: accuracy, " + ("mean over depths" if len(depths) > 1 else f"{res['trials']} trials per cell"),
             accuracy)
-    if any(map(any, near.values())):  # only when some answer is a near miss
-        summary("near misses: answers one edit from the key (a character dropped, added, changed, or two swapped), "
-                "as a share of all answers", near_share)
+    for i, title in enumerate(("near misses: answers one edit from the key (a character dropped, added, changed, or "
+                               "two swapped), as a share of all answers",
+                               "cut short: answers that are a proper prefix of the key (the model began it and "
+                               "stopped), as a share of all answers")):
+        if any(m[i] for v in misses.values() for m in v):  # only when some answer is such a miss
+            summary(title, share(i))
     for name, notes in res["notes"].items():
         print(f"{name} not run at: " + "; ".join(f"{n} ({why})" for n, why in notes.items()))
 

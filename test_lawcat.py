@@ -1174,6 +1174,14 @@ def test_one_edit_off_counts_near_misses_only():
     assert S.one_edit_off("", "7") == 0 and S.one_edit_off(" 8", "7") == 1
 
 
+def test_cut_short_counts_proper_prefixes_only():
+    for out in (" 887.", " 8", " 8872 and"):
+        assert S.cut_short(out, "88720") == 1, out
+    for out in (" 88720.", " 887201", " 87", " 88721", " the", "", " 8872o"):  # exact, longer, not a prefix, none
+        assert S.cut_short(out, "88720") == 0, out
+    assert S.cut_short(" Hall.", "hallway") == 1 and S.cut_short(" hallways", "hallway") == 0
+
+
 def test_near_miss_table(capsys):
     sample = lambda model, n, output: dict(model=model, subtask="passkey", length=n, depth="0.5", trial=0, tokens=n,
                                            answer="52556", output=output, correct=S.score(output, "52556"))
@@ -1181,12 +1189,16 @@ def test_near_miss_table(capsys):
                results={m: {"passkey": {"256": {"0.5": 0.5}, "512": {"0.5": None if m == "teacher" else 0.0}}}
                         for m in ("student", "teacher")},
                samples=[sample("student", 256, " 52556."), sample("student", 256, " 52565."),
-                        sample("student", 512, " 1234"), sample("student", 512, " 5256"),
+                        sample("student", 512, " 525"), sample("student", 512, " 5256"),
                         sample("teacher", 256, " 52556"), sample("teacher", 256, " 52556")])
     S.print_tables(res)
-    near = capsys.readouterr().out.split("near misses")[1].splitlines()
+    out = capsys.readouterr().out
+    near = out.split("near misses")[1].split("cut short")[0].splitlines()
     assert near[2].split("|")[2:4] == ["             50% ", "              0% "]  # 256: one of two; none of two
     assert near[3].split("|")[2:4] == ["             50% ", "             n/a "]  # 512: the teacher did not run
+    cut = out.split("cut short")[1].splitlines()
+    assert cut[2].split("|")[2:4] == ["              0% ", "              0% "]  # 256: none
+    assert cut[3].split("|")[2:4] == ["             50% ", "             n/a "]  # 512: " 525" of two answers
 
 
 def test_evaluate_json_shape_and_teacher_limit(tmp_path):

@@ -523,7 +523,7 @@ def train(args, model=None, tokenizer=None, on_step=None):
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):  # no "(default: None)" where the help says what it is
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def get_args(argv=None):
