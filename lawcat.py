@@ -20,6 +20,7 @@ Weights live in the Hugging Face "rotate-half" RoPE layout; Meta and GGUF checkp
 rows interleaved, so their loaders un-permute them (with the q head count for wq and the kv head
 count for wk).
 """
+import argparse
 import base64
 import contextlib
 import glob
@@ -45,6 +46,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 class UserError(Exception):
     """Bad input from the user: the CLIs print the message as one line and exit non-zero."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The CLIs' --help: the description as written, and every option's default but None and False (whose help
+    says what happens instead)."""
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ long-context retrieval (passkey, S-NIAH-1/2/3, BABILong QA2/QA3) and prefill/dec
     python sample.py --prompt "The capital of France is"   # the newest out/*/stage*.pt, or --ckpt PATH
     python sample.py --teacher --chat --prompt "Hi!"       # the plain teacher (--init picks its weights)
     python sample.py --passkey [--lengths 1K,4K --depths 0.1,0.5,0.9 --trials 4]
-    python sample.py --niah | --babilong                   # student and teacher side by side
+    python sample.py --niah                                # S-NIAH-1/2/3, student and teacher side by side
+    python sample.py --babilong                            # BABILong-style QA2/QA3, the same
     python sample.py --ppl [--lengths 1K,4K]               # held-out perplexity, student and teacher
     python sample.py --bench [--random-model llama3.2-1b]  # speed/memory; random weights of a preset shape
 
@@ -22,7 +23,8 @@ lengths over 8K are skipped unless --force.
 contain), every position of a window scored; same JSON with task "ppl", subtask "ppl", depth "all"
 and the perplexity in place of an accuracy.
 
-JSON from --passkey/--niah/--babilong (default path: next to the checkpoint, <task>_<ckpt stem>.json):
+JSON from --passkey/--niah/--babilong/--ppl (default path: next to the checkpoint, <task>_<ckpt stem>.json,
+or out/<task>_teacher.json for the teacher alone; --json PATH chooses; --bench writes its own table there too):
     {"task": "passkey" | "niah" | "babilong" | "ppl",
      "model": {"student": checkpoint path or null, "teacher": teacher weights},
      "lengths": [1024, ...], "depths": ["0.1", ...] (["all"] for babilong), "trials": 4,
@@ -600,33 +602,33 @@ def run_generate(args, runners, tok, paths):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=L.HelpFormatter)
     p.add_argument("--ckpt", help="student checkpoint (default: the newest out/*/stage*.pt)")
     p.add_argument("--teacher", action="store_true", help="run the plain teacher only")
     p.add_argument("--init", help="teacher weights (default: the path the checkpoint records, else smollm2-135m)")
     p.add_argument("--no-teacher", action="store_true", help="evaluate the student only")
-    p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--prompt-file")
+    p.add_argument("--prompt", default="The capital of France is", help="text to continue")
+    p.add_argument("--prompt-file", help="read the prompt from this file")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=1337, help="sampling seed")
     mode = p.add_mutually_exclusive_group()
     for m, what in (("passkey", "passkey retrieval"), ("niah", "S-NIAH-1/2/3"), ("babilong", "BABILong-style QA2/QA3"),
                     ("ppl", "held-out perplexity"), ("bench", "prefill/decode speed and memory against context length")):
         mode.add_argument(f"--{m}", action="store_true", help=what)
-    p.add_argument("--lengths", help="e.g. 1K,2K,4096 (default: passkey/niah 1K..32K, babilong 0..16K, bench 1K..64K "
-                                     "(on CPU 256..2K))")
-    p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    p.add_argument("--lengths", help="e.g. 1K,2K,4096 (default: passkey/niah 1K..32K, babilong 0..16K, ppl 1K,4K, "
+                                     "bench 1K..64K (on CPU 256..2K))")
+    p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle positions as fractions of the context")
     p.add_argument("--trials", type=int, help="per cell (default: 4, babilong 20); --ppl: windows per length (16)")
-    p.add_argument("--json", help="results file (default: next to the checkpoint)")
+    p.add_argument("--json", help="results file (default: next to the checkpoint, or out/<task>_teacher.json)")
     p.add_argument("--force", action="store_true", help="run lengths over 8K on CPU too")
     p.add_argument("--past-context", action="store_true", help="evaluate the teacher past its trained context too")
     p.add_argument("--random-model", help="--bench random weights of a preset's shape, e.g. llama3.2-1b")
-    p.add_argument("--decode-steps", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--decode-steps", type=int, default=64, help="--bench: tokens decoded after each prefill")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="(default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--decay-scale", type=float, default=1.0,
                    help="multiply the student's log-decays by this at inference (below 1: it forgets more slowly)")
     args = p.parse_args(argv)

@@ -521,14 +521,9 @@ def train(args, model=None, tokenizer=None, on_step=None):
     return status
 
 
-class Help(argparse.ArgumentDefaultsHelpFormatter):  # no "(default: None)" where the help says what it is
-    def _get_help_string(self, action):
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Distill a Llama teacher into LAWCAT (conv + gated linear attention).",
-                                formatter_class=Help)
+                                formatter_class=L.HelpFormatter)
     a = p.add_argument
     a("--init", default="smollm2-135m", help=f"teacher: a preset ({', '.join(L.PRESETS)}), an HF/Meta dir or a GGUF file")
     a("--data", nargs="+", help="text files, globs or directories (.txt/.md/.rst/.jsonl); default: the offline corpus")
