@@ -509,7 +509,9 @@ def lawcat_attention(q, k, v, g, state=None, eps=1e-6, normalize=True, backend=N
         return chunked_torch(q, k, v, g, state, eps, normalize)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    assert K in (16, 32, 64, 128) and V in (16, 32, 64, 128), "K, V must be one of 16, 32, 64, 128"
+    if K not in (16, 32, 64, 128) or V not in (16, 32, 64, 128):
+        raise ValueError(f"the Triton kernel takes head dims 16, 32, 64 or 128, not K={K}, V={V}; "
+                         f"backend='torch' (on a CPU: --device cpu) runs any size")
     S0, z0 = (x.float().contiguous() for x in state) if state is not None else (None, None)
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
     o, ST, zT = _LawcatTriton.apply(q, k, v, g, S0, z0, eps, normalize)

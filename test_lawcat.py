@@ -15,8 +15,6 @@ import random
 import re
 import signal
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -34,8 +32,6 @@ import lawcat as L  # noqa: E402
 import sample as S  # noqa: E402
 import train as T  # noqa: E402
 from kernel import chunked_torch, lawcat_attention, lawcat_step, naive_lawcat, rel_err  # noqa: E402
-
-HERE = Path(__file__).parent
 
 
 def package_file(pkg, rel):
@@ -639,6 +635,10 @@ def test_checkpoint_from_another_machine_finds_its_preset_teacher(tmp_path):
     (tmp_path / "here.gguf").touch()
     here = str(tmp_path / "here.gguf")
     assert L.recorded_teacher(dict(teacher=here, args=dict(init="smollm2-135m"))) == here
+    ckpt = tmp_path / "stage2.pt"  # a student whose teacher is neither here nor a preset: one line that names --init
+    torch.save(dict(params={}, config={}, teacher=gone, args=dict(init=gone)), ckpt)
+    with pytest.raises(L.UserError, match=r"stage2\.pt was distilled from .*gpu-box.*pass --init"):
+        L.load_student(ckpt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -969,6 +969,14 @@ def run_with_grads(fn, xs, state, do, dS, dz):
 
 
 NAMES = ["o", "S", "z", "dq", "dk", "dv", "dg", "dS0", "dz0"]
+
+
+def test_triton_kernel_refuses_other_head_dims_in_one_line():
+    q = torch.rand(1, 5, 2, 48)
+    with pytest.raises(ValueError, match="head dims 16, 32, 64 or 128, not K=48, V=48; backend='torch'"):
+        lawcat_attention(q, q, q, -q, backend="triton")
+    o, _ = lawcat_attention(q, q, q, -q, backend="torch")  # the torch path takes any size
+    assert o.shape == (1, 5, 2, 48)
 
 
 @pytest.mark.parametrize("gates", ["mild", "wild"])
@@ -1502,6 +1510,15 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, loss):
         assert [p["val"] for p in ca] == [p["val"] for p in cb] and ca[-1]["val"] is not None
         assert [p["since"] for p in ca[1:]] == [p["since"] for p in cb[1:]] == [0, 1, 2, 3]
         assert [p["loss"] for p in ca[1:]] == [p["loss"] for p in cb[1:]]
+
+
+def test_jsonl_documents_and_a_bad_line(tmp_path):
+    f = tmp_path / "docs.jsonl"
+    f.write_text('{"text": "one"}\n\n"two"\n')
+    assert T.read_documents(f, "jsonl") == ["one", "two"]
+    f.write_text('{"text": "one"}\nplain words\n')
+    with pytest.raises(L.UserError, match=r"docs\.jsonl:2: not a JSON line \(rename the file to \.txt"):
+        T.read_documents(f, "jsonl")
 
 
 def test_data_cache_rebuilt_only_when_source_changes(tmp_path):

@@ -81,10 +81,12 @@ def read_documents(path, kind):
         return [text]
     if kind == "pydoc":  # `topics = {...}`: a dict literal, read without importing it
         return list(next(ast.literal_eval(n.value) for n in ast.parse(text).body if isinstance(n, ast.Assign)).values())
-    try:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except ValueError:
-        raise L.UserError(f"{path}: not JSON lines") from None
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        try:
+            rows += [json.loads(line)] if line.strip() else []
+        except ValueError:
+            raise L.UserError(f"{path}:{i}: not a JSON line (rename the file to .txt if it is plain text)") from None
     if kind == "kjv":  # one document per book, one line per chapter
         books = {}
         for r in rows:
@@ -487,7 +489,8 @@ def train(args, model=None, tokenizer=None, on_step=None):
     stages = {"1": [1], "2": [2], "both": [1, 2]}[args.stage]
     ck = {s: Path(args.out) / f"stage{s}.pt" for s in (1, 2)}
     if args.resume and not any(ck[s].exists() for s in stages):
-        raise L.UserError(f"--resume: no checkpoint in {args.out} to resume from")
+        raise L.UserError(f"--resume: no checkpoint in {args.out} to resume from; pass the run's --out, or drop "
+                          f"--resume to start afresh")
     resume2 = args.resume and 2 in stages and ck[2].exists()
     if rank == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -526,7 +529,7 @@ def get_args(argv=None):
                                 formatter_class=L.HelpFormatter)
     a = p.add_argument
     a("--init", default="smollm2-135m", help=f"teacher: a preset ({', '.join(L.PRESETS)}), an HF/Meta dir or a GGUF file")
-    a("--data", nargs="+", help="text files, globs or directories (.txt/.md/.rst/.jsonl); default: the offline corpus")
+    a("--data", nargs="+", help=f"text files, globs or directories ({'/'.join(TEXT_SUFFIXES)}); default: the offline corpus")
     a("--out", help="checkpoint directory (default: out/<init name>)")
     a("--cache-dir", default="data_cache", help="where tokenized data is cached")
     a("--stage", choices=["1", "2", "both"], default="both", help="which stage(s) to run; stage 2 starts from stage1.pt")
@@ -554,15 +557,15 @@ def get_args(argv=None):
     a("--device", choices=["auto", "cpu"], default="auto", help="cpu forces the CPU even with a GPU present")
     g = p.add_argument_group("LAWCAT switches (ablations)")
     g.add_argument("--no-conv", action="store_true", help="no causal conv on q and k")
-    g.add_argument("--conv-size", type=int, default=4, help="causal conv kernel size")
+    g.add_argument("--conv-size", type=int, default=L.Config.conv_size, help="causal conv kernel size")
     g.add_argument("--no-gate", action="store_true", help="no data-dependent decay (plain cumulative sum)")
-    g.add_argument("--gate-halflife", type=int, default=0,
+    g.add_argument("--gate-halflife", type=int, default=L.Config.gate_halflife,
                    help="initial decay half-lives spread from 16 to this many tokens over each head's channels (0: all 16)")
     g.add_argument("--no-denom", action="store_true", help="no normalizer phi(q).z")
     g.add_argument("--linear-rope", action="store_true", help="apply RoPE to q, k in the linear path")
-    g.add_argument("--feature-map", choices=["learned", "identity"], default="learned", help="learned A_h or frozen identity")
-    g.add_argument("--lora-rank", type=int, default=8, help="stage 2 LoRA rank")
-    g.add_argument("--lora-alpha", type=float, default=16.0, help="stage 2 LoRA alpha")
+    g.add_argument("--feature-map", choices=["learned", "identity"], default=L.Config.feature_map, help="learned A_h or frozen identity")
+    g.add_argument("--lora-rank", type=int, default=L.Config.lora_rank, help="stage 2 LoRA rank")
+    g.add_argument("--lora-alpha", type=float, default=L.Config.lora_alpha, help="stage 2 LoRA alpha")
     return p.parse_args(argv)
 
 
