@@ -639,6 +639,12 @@ def test_checkpoint_from_another_machine_finds_its_preset_teacher(tmp_path):
     torch.save(dict(params={}, config={}, teacher=gone, args=dict(init=gone)), ckpt)
     with pytest.raises(L.UserError, match=r"stage2\.pt was distilled from .*gpu-box.*pass --init"):
         L.load_student(ckpt)
+    torch.save(dict(model={}), ckpt)  # e.g. a teacher's weights passed as --ckpt
+    with pytest.raises(L.UserError, match=r"no 'params'\); --ckpt takes a stage1\.pt or stage2\.pt"):
+        L.load_student(ckpt)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(L.UserError, match=r"not a readable lawcat checkpoint .*--ckpt takes"):
+        L.load_student(ckpt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1637,7 +1643,7 @@ def test_bad_input_messages(tmp_path, capsys):
         T.train(make_args(tmp_path, "--resume"), tiny_teacher(seed=1), ByteTokenizer())
     with pytest.raises(L.UserError, match=r"saved with another config: conv_size=4 \(now 3\)"):
         T.train(make_args(tmp_path, "--resume", "--conv-size", "3"), tiny_teacher(), ByteTokenizer())
-    with pytest.raises(L.UserError, match="--resume: no checkpoint in"):
+    with pytest.raises(L.UserError, match="--resume: no checkpoint in .*elsewhere.*or drop --resume to start afresh"):
         T.train(make_args(tmp_path, "--resume", "--out", str(tmp_path / "elsewhere")), tiny_teacher(), ByteTokenizer())
 
 
