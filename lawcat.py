@@ -1310,8 +1310,8 @@ def load_student(path, device="cpu", dtype=None, teacher=None):
     except FileNotFoundError:
         raise UserError(f"{path}: no such checkpoint; run `python train.py` first or pass --ckpt") from None
     except Exception as e:
-        raise UserError(f"{path}: not a readable lawcat checkpoint ({str(e).splitlines()[0][:80]}); --ckpt takes "
-                        f"a stage1.pt or stage2.pt that train.py wrote") from None
+        raise UserError(f"{path}: not a readable lawcat checkpoint (torch.load: {e.__class__.__name__}); --ckpt "
+                        f"takes a stage1.pt or stage2.pt that train.py wrote") from None
     if not isinstance(ckpt, dict) or "params" not in ckpt:
         raise UserError(f"{path}: not a lawcat student checkpoint (no 'params'); --ckpt takes a stage1.pt or "
                         f"stage2.pt that train.py wrote, and teacher weights go to --teacher --init")

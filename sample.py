@@ -316,12 +316,13 @@ def print_tables(res):
     lengths, depths, names = res["lengths"], res["depths"], list(res["results"])
     if res["task"] == "ppl":
         print(f"\nheld-out perplexity, {res['trials']} windows per length" + (", student / teacher" if len(names) > 1 else ""))
-        print("| length | " + " | ".join(names) + (" | ratio |" if len(names) > 1 else " |"))
+        cols = names + (["ratio"] if len(names) > 1 else [])
+        print("| length | " + " | ".join(f"{c:>8s}" for c in cols) + " |")
         for n in lengths:
             ppl = [res["results"][name]["ppl"][str(n)]["all"] for name in names]
             cells = ["n/a" if p is None else f"{p:.3f}" for p in ppl]
             ratio = [f"{ppl[0] / ppl[1]:.3f}" if None not in ppl else "-"] if len(names) > 1 else []
-            print(f"| {n:6d} | " + " | ".join(cells + ratio) + " |")
+            print(f"| {n:6d} | " + " | ".join(f"{c:>8s}" for c in cells + ratio) + " |")
         return
     for name in names if len(depths) > 1 else []:  # length x depth, per model and subtask
         for sub, rows in res["results"][name].items():
@@ -581,7 +582,7 @@ def run_eval(args, task, runners, tok, paths, lengths, depths, device):
     keys = ("task", "model", "lengths", "depths", "trials", "results", "notes", "samples", "meta")
     out.write_text(json.dumps({k: res[k] for k in keys}, indent=1))
     png = heatmap(res, out.with_suffix(".png"))
-    print(f"\nwrote {out}" + (f" and {png}" if png else "" if task == "ppl" else " (a heatmap too when matplotlib is installed)"))
+    print(f"\nwrote {out}" + (f" and {png}" if png else "" if task == "ppl" else " (no heatmap: matplotlib is not installed)"))
 
 
 def run_generate(args, runners, tok, paths):

@@ -66,7 +66,8 @@ def find_sources(patterns):
         else:
             files = [p] if p.exists() else sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
             if not files:
-                raise L.UserError(f"--data {pat}: no such file, directory or glob match")
+                raise L.UserError(f"--data {pat}: no such file, directory or glob match (leave out --data for the "
+                                  f"offline corpus)")
         out += [(f.resolve(), "jsonl" if f.suffix == ".jsonl" else "text") for f in files]
     return sorted(set(out))
 
