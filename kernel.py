@@ -577,10 +577,10 @@ def _check(device, quick):
     with torch.no_grad():
         o, (S, z) = lawcat_attention(q, k, v, g, state)
         ro, (rS, rz) = chunked_torch(*(x.double() for x in (q, k, v, g)), tuple(x.double() for x in state))
-    errs = [rel_err(o, ro), rel_err(S, rS), rel_err(z, rz)] + ([] if torch.isfinite(o).all() else [math.inf])
+    finite = bool(torch.isfinite(o).all())
+    errs = [rel_err(o, ro), rel_err(S, rS), rel_err(z, rz)] + ([] if finite else [math.inf])
     worst[torch.bfloat16] = max(worst[torch.bfloat16], *errs)
-    print(f"T={T} H=8 bf16 fwd vs float64 chunked: o {errs[0]:.1e}  S {errs[1]:.1e}  z {errs[2]:.1e}  "
-          f"finite {bool(torch.isfinite(o).all())}")
+    print(f"T={T} H=8 bf16 fwd vs float64 chunked: o {errs[0]:.1e}  S {errs[1]:.1e}  z {errs[2]:.1e}  finite {finite}")
     T = 2048 if quick else 16384
     q, k, v, g, state = random_inputs(1, T, 2, 64, 64, torch.bfloat16, device, extreme=0.001)
     do, dS, dz = torch.randn(1, T, 2, 64, device=device), torch.randn(1, 2, 64, 64, device=device), torch.randn(1, 2, 64, device=device)

@@ -344,25 +344,17 @@ def print_tables(res):
     def accuracy(name, sub, n):
         return "n/a" if str(n) in res["notes"].get(name, {}) else pct(avg(res["results"][name][sub][str(n)]))
 
-    misses = {}  # (name, sub, length) -> (one_edit_off, cut_short) of each answer, over all depths
-    for x in res["samples"]:
-        misses.setdefault((x["model"], x["subtask"], x["length"]), []).append(
-            (one_edit_off(x["output"], x["answer"]), cut_short(x["output"], x["answer"])))
-
-    def share(i):  # cell(name, sub, n) -> the share of answers that are misses of kind i
-        def cell(name, sub, n):
-            v = misses.get((name, sub, n))
-            return pct(sum(m[i] for m in v) / len(v)) if v else "n/a"
-        return cell
-
     summary(f"{res['task']}: accuracy, " + ("mean over depths" if len(depths) > 1 else f"{res['trials']} trials per cell"),
             accuracy)
-    for i, title in enumerate(("near misses: answers one edit from the key (a character dropped, added, changed, or "
-                               "two swapped), as a share of all answers",
-                               "cut short: answers that are a proper prefix of the key (the model began it and "
-                               "stopped), as a share of all answers")):
-        if any(m[i] for v in misses.values() for m in v):  # only when some answer is such a miss
-            summary(title, share(i))
+    for title, is_miss in (("near misses: answers one edit from the key (a character dropped, added, changed, or two "
+                            "swapped), as a share of all answers", one_edit_off),
+                           ("cut short: answers that are a proper prefix of the key (the model began it and stopped), "
+                            "as a share of all answers", cut_short)):
+        misses = {}  # (name, sub, length) -> is_miss of each answer, over all depths
+        for x in res["samples"]:
+            misses.setdefault((x["model"], x["subtask"], x["length"]), []).append(is_miss(x["output"], x["answer"]))
+        if any(map(any, misses.values())):  # only when some answer is such a miss
+            summary(title, lambda name, sub, n: pct(sum(v) / len(v)) if (v := misses.get((name, sub, n))) else "n/a")
     for name, notes in res["notes"].items():
         print(f"{name} not run at: " + "; ".join(f"{n} ({why})" for n, why in notes.items()))
 

@@ -84,8 +84,10 @@ def read_documents(path, kind):
         return list(next(ast.literal_eval(n.value) for n in ast.parse(text).body if isinstance(n, ast.Assign)).values())
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
         try:
-            rows += [json.loads(line)] if line.strip() else []
+            rows.append(json.loads(line))
         except ValueError:
             raise L.UserError(f"{path}:{i}: not a JSON line (rename the file to .txt if it is plain text)") from None
     if kind == "kjv":  # one document per book, one line per chapter
