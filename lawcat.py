@@ -1295,11 +1295,16 @@ def save_student(path, model, teacher_path, **extra):
     atomic_save(ckpt, path)
 
 
-def recorded_teacher(ckpt):
-    """The teacher a student checkpoint names: the path it was trained from, or, where that path is not on this
-    machine (a checkpoint copied from a GPU box), the preset it was trained as. The fingerprint decides."""
-    preset = (ckpt.get("args") or {}).get("init")
-    return preset if not Path(ckpt["teacher"]).exists() and preset in PRESETS else ckpt["teacher"]
+def recorded_teacher(ckpt, path):
+    """The teacher the student checkpoint at `path` names: the path it was trained from, or, where that path is not
+    on this machine (a checkpoint copied from a GPU box), the preset it was trained as. The fingerprint decides."""
+    teacher, preset = ckpt["teacher"], (ckpt.get("args") or {}).get("init")
+    if Path(teacher).exists():
+        return teacher
+    if preset in PRESETS:
+        return preset
+    raise UserError(f"{path} was distilled from {teacher}, which is not on this machine: pass --init with "
+                    f"that teacher's weights")
 
 
 def load_student(path, device="cpu", dtype=None, teacher=None):
@@ -1316,11 +1321,7 @@ def load_student(path, device="cpu", dtype=None, teacher=None):
         raise UserError(f"{path}: not a lawcat student checkpoint (no 'params'); --ckpt takes a stage1.pt or "
                         f"stage2.pt that train.py wrote, and teacher weights go to --teacher --init")
     switches = {k: v for k, v in ckpt["config"].items() if k in LAWCAT_FIELDS}
-    if teacher is None:
-        teacher = recorded_teacher(ckpt)
-        if teacher not in PRESETS and not Path(teacher).exists():
-            raise UserError(f"{path} was distilled from {teacher}, which is not on this machine: pass --init with "
-                            f"that teacher's weights")
+    teacher = teacher or recorded_teacher(ckpt, path)
     model, tokenizer, _ = load_model(teacher, device, dtype, **switches)
     fp = teacher_fingerprint(model)
     if fp != ckpt["fingerprint"]:

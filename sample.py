@@ -517,10 +517,13 @@ def load(args, device, dtype):
         recorded = None
         if not args.init and ckpt and ckpt.exists():  # the teacher this checkpoint was distilled from
             try:
-                recorded = L.recorded_teacher(torch.load(ckpt, map_location="cpu", weights_only=True))
+                c = torch.load(ckpt, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise L.UserError(f"{ckpt}: not a readable lawcat checkpoint ({e.__class__.__name__}); "
-                                  f"pass --init with the teacher's weights") from None
+                c = e.__class__.__name__
+            if not isinstance(c, dict) or "teacher" not in c:
+                raise L.UserError(f"{ckpt}: not a readable lawcat checkpoint ({c if isinstance(c, str) else 'no teacher'}"
+                                  f"); pass --init with the teacher's weights")
+            recorded = L.recorded_teacher(c, ckpt)
         model, tok, path = L.load_model(args.init or recorded or "smollm2-135m", device, dtype)
         return [("teacher", model, contextlib.nullcontext)], tok, {"student": None, "teacher": str(path)}
     if ckpt is None:
@@ -534,7 +537,7 @@ def load(args, device, dtype):
     runners = [("student", model, contextlib.nullcontext)]
     if not args.no_teacher:
         runners.append(("teacher", model, L.as_teacher))
-    return runners, tok, {"student": str(ckpt), "teacher": args.init or L.recorded_teacher(c)}
+    return runners, tok, {"student": str(ckpt), "teacher": args.init or L.recorded_teacher(c, ckpt)}
 
 
 def results_path(args, task, paths):

@@ -568,7 +568,7 @@ def test_decay_scale_multiplies_the_students_log_decays(monkeypatch, tmp_path):
     ref.cfg.gate_norm = 16 / 0.25  # log-decay = logsigmoid(gate) / gate_norm
     with torch.no_grad():
         want, plain = ref(tokens), tiny_student()(tokens)
-    monkeypatch.setattr(L, "load_student", lambda *a, **k: (tiny_student(), None, {"teacher": "t", "args": {}}))
+    monkeypatch.setattr(L, "load_student", lambda *a, **k: (tiny_student(), None, {"teacher": "t", "args": {"init": "smollm2-135m"}}))
     args = argparse.Namespace(random_model=None, ckpt=str(tmp_path / "s.pt"), teacher=False, init=None, no_teacher=True,
                               decay_scale=0.25)
     (name, model, _), = S.load(args, torch.device("cpu"), None)[0]
@@ -627,18 +627,24 @@ def test_merged_lora_in_bf16_as_accurate_as_unmerged():
     assert rel_err(merged, ref) < 1.5 * rel_err(unmerged, ref) + 1e-3, (rel_err(merged, ref), rel_err(unmerged, ref))
 
 
-def test_checkpoint_from_another_machine_finds_its_preset_teacher(tmp_path):
+def test_checkpoint_from_another_machine_finds_its_preset_teacher(tmp_path, capsys):
     gone = str(tmp_path / "gpu-box" / "SmolLM2.gguf")  # the teacher's path where it was trained
-    assert L.recorded_teacher(dict(teacher=gone, args=dict(init="smollm2-135m"))) == "smollm2-135m"
-    assert L.recorded_teacher(dict(teacher=gone, args=dict(init="/elsewhere/m.gguf"))) == gone  # the error names it
-    assert L.recorded_teacher(dict(teacher=gone)) == gone
+    ckpt = tmp_path / "stage2.pt"
+    assert L.recorded_teacher(dict(teacher=gone, args=dict(init="smollm2-135m")), ckpt) == "smollm2-135m"
     (tmp_path / "here.gguf").touch()
     here = str(tmp_path / "here.gguf")
-    assert L.recorded_teacher(dict(teacher=here, args=dict(init="smollm2-135m"))) == here
-    ckpt = tmp_path / "stage2.pt"  # a student whose teacher is neither here nor a preset: one line that names --init
+    assert L.recorded_teacher(dict(teacher=here, args=dict(init="smollm2-135m")), ckpt) == here
+    missing = r"stage2\.pt was distilled from .*gpu-box.*not on this machine: pass --init"
+    for args in (dict(init="/elsewhere/m.gguf"), None):  # neither here nor a preset: one line that names --init
+        with pytest.raises(L.UserError, match=missing):
+            L.recorded_teacher(dict(teacher=gone, args=args), ckpt)
     torch.save(dict(params={}, config={}, teacher=gone, args=dict(init=gone)), ckpt)
-    with pytest.raises(L.UserError, match=r"stage2\.pt was distilled from .*gpu-box.*pass --init"):
+    with pytest.raises(L.UserError, match=missing):
         L.load_student(ckpt)
+    for mode in ("--no-teacher", "--teacher"):  # sample.py says the same, for the student and for its teacher
+        assert S.main(["--ckpt", str(ckpt), mode, "--prompt", "hi", "--max-new-tokens", "1"]) == 1
+        err = capsys.readouterr().err
+        assert re.search(missing, err) and err.count("\n") == 1, (mode, err)
     torch.save(dict(model={}), ckpt)  # e.g. a teacher's weights passed as --ckpt
     with pytest.raises(L.UserError, match=r"no 'params'\); --ckpt takes a stage1\.pt or stage2\.pt"):
         L.load_student(ckpt)
