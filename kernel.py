@@ -77,6 +77,7 @@ Profiled (ncu --clock-control none, same shape and card): _output_fwd runs 2 CTA
   keeps the memory units 89% busy but DRAM only 49% (2.36 TB/s), stalling on shared memory (MIO throttle and
   short scoreboard, 40% of stalls; its users: the cumsum and, presumably, k^T for U); _scan 2.6 TB/s.
 """
+import argparse
 import math
 import os
 import re
@@ -672,10 +673,13 @@ def _bench_fla(ours):
 
 
 if __name__ == "__main__":
+    cli = argparse.ArgumentParser(description="Check the Triton kernel against the naive recurrence (under Triton's "
+                                  "interpreter without a GPU), then, on a GPU, time it against SDPA and fla.")
+    cli.add_argument("--quick", action="store_true", help="fewer check cases and timed lengths")
+    quick = cli.parse_args().quick
     if not torch.cuda.is_available() and not _interpreting():  # Triton compiles for GPUs: check under its interpreter
         os.environ["TRITON_INTERPRET"] = "1"
         os.execv(sys.executable, [sys.executable, *sys.argv])
-    quick = "--quick" in sys.argv
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     if not _check(dev, quick or dev == "cpu"):

@@ -826,7 +826,10 @@ def load_model(init, device="cpu", dtype=None, **overrides):
         tokenizer = tokenizer_from_gguf(meta)
     elif (path / "config.json").exists():
         c = read_json(path / "config.json")
-        cfg, fmt = config_from_hf(c, path / "config.json"), "hf"
+        try:
+            cfg, fmt = config_from_hf(c, path / "config.json"), "hf"
+        except KeyError as e:
+            raise UserError(f"{path / 'config.json'}: missing field {e.args[0]!r}; download the model again") from None
         index = path / "model.safetensors.index.json"
         files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
         tensors = {}
@@ -838,7 +841,10 @@ def load_model(init, device="cpu", dtype=None, **overrides):
         overrides = {**c.get("lawcat", {}), **overrides}
         tokenizer = load_tokenizer(path)
     elif (path / "params.json").exists():
-        cfg, fmt = config_from_meta(read_json(path / "params.json")), "meta"
+        try:
+            cfg, fmt = config_from_meta(read_json(path / "params.json")), "meta"
+        except KeyError as e:
+            raise UserError(f"{path / 'params.json'}: missing field {e.args[0]!r}; download the model again") from None
         shards = sorted(path.glob("consolidated.*.pth"))
         if len(shards) != 1:
             raise UserError(f"{path}: expected one consolidated.00.pth, found {len(shards)} (model-parallel shards "
@@ -846,7 +852,8 @@ def load_model(init, device="cpu", dtype=None, **overrides):
         try:
             tensors = torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise UserError(f"{shards[0]}: cannot read ({str(e).splitlines()[0][:80]}); re-download it") from None
+            raise UserError(f"{shards[0]}: cannot read (truncated or corrupt: torch.load raised {e.__class__.__name__}); "
+                            f"re-download it") from None
         tokenizer = load_tokenizer(path)
     else:
         raise UserError(f"{path}: expected config.json (Hugging Face) or params.json (Meta) in this directory")
@@ -1322,11 +1329,13 @@ def load_student(path, device="cpu", dtype=None, teacher=None):
                         f"stage2.pt that train.py wrote, and teacher weights go to --teacher --init")
     switches = {k: v for k, v in ckpt["config"].items() if k in LAWCAT_FIELDS}
     teacher = teacher or recorded_teacher(ckpt, path)
-    model, tokenizer, _ = load_model(teacher, device, dtype, **switches)
+    # the fingerprint rounds to bf16; fp16 weights would be rounded twice (fp32 -> fp16 -> bf16): check in fp32
+    model, tokenizer, _ = load_model(teacher, device, torch.float32 if dtype == torch.float16 else dtype, **switches)
     fp = teacher_fingerprint(model)
     if fp != ckpt["fingerprint"]:
         raise UserError(f"{path}: was distilled from a teacher with fingerprint {ckpt['fingerprint']}, but "
                         f"{teacher} has {fp}; pass the teacher it was trained on")
+    model.to(dtype or next(model.parameters()).dtype)
     attach_student(model, ckpt["params"], path)
     merge_lora(model)
     model.eval()

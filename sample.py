@@ -485,9 +485,12 @@ def bench(runners, lengths, device, steps):
 
 def parse_lengths(s):
     try:
-        return [int(float(x[:-1]) * 1024) if x[-1] in "kK" else int(x) for x in s.replace(" ", "").split(",") if x]
+        lengths = [int(float(x[:-1]) * 1024) if x[-1] in "kK" else int(x) for x in s.replace(" ", "").split(",") if x]
     except ValueError:
-        raise L.UserError(f"--lengths {s!r}: expected comma-separated token counts such as 1K,2K,4096") from None
+        lengths = []
+    if not lengths or min(lengths) < 0:
+        raise L.UserError(f"--lengths {s!r}: expected comma-separated token counts such as 1K,2K,4096")
+    return lengths
 
 
 def parse_depths(s):
@@ -547,14 +550,15 @@ def results_path(args, task, paths):
     default = Path(student).with_name(f"{task}_{Path(student).stem}.json") if student else \
         Path("out") / (f"{task}_random-{args.random_model}.json" if args.random_model else f"{task}_teacher.json")
     out = Path(args.json or default)
+    if out.is_dir():
+        raise L.UserError(f"--json {out}: is a directory; pass a file name such as {out / (task + '.json')}")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def run_bench(args, runners, paths, lengths, device):
-    model = runners[0][1]
+    model, out = runners[0][1], results_path(args, "bench", paths)
     rows = bench(runners, lengths, device, args.decode_steps)
-    out = results_path(args, "bench", paths)
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 dtype=str(model.tok_embeddings.weight.dtype), decode_steps=args.decode_steps, argv=args.argv,
                 torch=torch.__version__)
@@ -564,7 +568,7 @@ def run_bench(args, runners, paths, lengths, device):
 
 
 def run_eval(args, task, runners, tok, paths, lengths, depths, device):
-    model, t0 = runners[0][1], time.time()
+    model, t0, out = runners[0][1], time.time(), results_path(args, task, paths)
     trials = args.trials or {"babilong": 20, "ppl": 16}.get(task, 4)
     print(f"{task} on {device}; the teacher's trained context is {model.cfg.max_seq_len} tokens", flush=True)
     res = evaluate(task, runners, tok, lengths, depths, trials, device, args.force, args.past_context)
@@ -573,7 +577,6 @@ def run_eval(args, task, runners, tok, paths, lengths, depths, device):
                        teacher_context=model.cfg.max_seq_len, seconds=round(time.time() - t0, 1), argv=args.argv,
                        python=sys.version.split()[0])  # --ppl's held-out text is this Python's standard library
     print_tables(res)
-    out = results_path(args, task, paths)
     keys = ("task", "model", "lengths", "depths", "trials", "results", "notes", "samples", "meta")
     out.write_text(json.dumps({k: res[k] for k in keys}, indent=1))
     png = heatmap(res, out.with_suffix(".png"))
@@ -584,7 +587,7 @@ def run_generate(args, runners, tok, paths):
     name, model, _ = runners[0]
     try:
         text = Path(args.prompt_file).read_text() if args.prompt_file else args.prompt
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise L.UserError(f"--prompt-file: {e}") from None
     ids = tok.chat_prompt(text) if args.chat else tok.encode(text)
     print(f"[{name}: {paths[name]}]\n" + ("" if args.chat else text), end="", flush=True)
@@ -640,6 +643,13 @@ def main(argv=None):
             raise L.UserError("--device cuda: no GPU here; use --device cpu")
         if args.random_model and not args.bench:
             raise L.UserError("--random-model is for --bench only")
+        if args.teacher and args.no_teacher:
+            raise L.UserError("--teacher runs the teacher alone, --no-teacher the student alone: pass one of them")
+        for k in ("trials", "max_new_tokens", "top_k", "decode_steps"):
+            if getattr(args, k) is not None and getattr(args, k) < 1:
+                raise L.UserError(f"--{k.replace('_', '-')} {getattr(args, k)}: must be 1 or more")
+        if not args.temperature >= 0:
+            raise L.UserError(f"--temperature {args.temperature}: must be 0 (greedy) or more")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[args.dtype]
         task = next((t for t in SUBTASKS if getattr(args, t)), None)
         default = ("256,512,1K,2K" if device.type == "cpu" else "1K,2K,4K,8K,16K,32K,64K") if args.bench else \

@@ -216,6 +216,11 @@ def test_sharded_hf_fixture_loads(tmp_path):
     (d / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(L.UserError, match="model-00002-of-00002.safetensors: missing weight file"):
         L.load_model(str(d))
+    c = json.loads((d / "config.json").read_text())
+    del c["intermediate_size"]
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(L.UserError, match=r"config\.json: missing field 'intermediate_size'; download the model again"):
+        L.load_model(str(d))
 
 
 def test_new_parameter_count_for_llama32_1b():
@@ -551,6 +556,10 @@ def test_student_checkpoint_round_trip_export_and_wrong_teacher(tmp_path):
         assert rel_err(m2(tokens), ref) < 1e-5  # fp32 rounding of another summation order
     with pytest.raises(L.UserError, match="fingerprint"):
         L.load_student(tmp_path / "s.pt", teacher=str(tmp_path / "other"))
+    m16, _, _ = L.load_student(tmp_path / "s.pt", dtype=torch.float16)  # sample.py --dtype fp16: the same teacher
+    assert m16.output.weight.dtype == torch.float16
+    with torch.no_grad():
+        assert rel_err(m16(tokens), ref) < 1e-2  # fp16 weights: ~5e-4 relative rounding per product
     L.save_hf_dir(m2, tmp_path / "export")  # the whole student as one HF-style directory
     (tmp_path / "export" / "tokenizer.model").write_bytes(LLAMA3_TOK.read_bytes())
     m3, _, _ = L.load_model(str(tmp_path / "export"))
@@ -1310,6 +1319,19 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert S.main(["--teacher", "--passkey", "--lengths", "1K,x"]) == 1
     assert "--lengths '1K,x'" in capsys.readouterr().err
     assert S.parse_lengths("0,1K,2k,4096") == [0, 1024, 2048, 4096]
+    rand = ["--bench", "--random-model", "smollm2-135m", "--lengths", "32"]
+    for argv, msg in ((["--teacher", "--no-teacher"], "pass one of them"),
+                      (["--top-k", "0"], "--top-k 0: must be 1 or more"),
+                      (["--passkey", "--trials", "-1"], "--trials -1: must be 1 or more"),
+                      (["--max-new-tokens", "0"], "--max-new-tokens 0: must be 1 or more"),
+                      (["--temperature", "-1"], "--temperature -1.0: must be 0 (greedy) or more"),
+                      (["--passkey", "--lengths=-1K"], "--lengths '-1K'"),
+                      (["--passkey", "--lengths", ","], "--lengths ','"),
+                      (rand + ["--decode-steps", "0"], "--decode-steps 0: must be 1 or more"),
+                      (rand + ["--json", str(tmp_path)], "is a directory; pass a file name")):  # before the bench runs
+        assert S.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, (argv, err)
 
 
 def test_bench_runs_and_measures_constant_student_state(capsys):
@@ -1488,6 +1510,36 @@ def test_gate_halflife_flag_reaches_the_checkpoint_and_is_checked(tmp_path):
     torch.save(ckpt, tmp_path / "out/stage1.pt")
     with pytest.raises(L.UserError, match=r"gate_halflife=0 \(now 64\)"):
         run(tmp_path, "--stage", "2", "--gate-halflife", "64")
+
+
+def test_bad_flags_stop_before_anything_is_written_and_a_new_stage_1_keeps_stage_2_until_it_saves(tmp_path):
+    assert run(tmp_path) == "done"
+    out = tmp_path / "out"
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    for flags, msg in ((("--seq-len", "0"), "--seq-len 0: must be positive"),
+                       (("--eval-every", "0"), "--eval-every 0: must be positive"),
+                       (("--batch-size", "-2"), "--batch-size -2: must be positive"),
+                       (("--lora-rank", "0"), "--lora-rank 0: must be positive"),
+                       (("--lr1", "-1"), "--lr1 -1.0: must be zero or more"),
+                       (("--lr2", "nan"), "--lr2 nan: must be zero or more"),
+                       (("--passkey-frac", "1.5"), "--passkey-frac 1.5: must be between 0 and 1")):
+        with pytest.raises(L.UserError, match=re.escape(msg)):
+            run(tmp_path, *flags)
+    with pytest.raises(L.UserError, match="is a file, not a directory"):
+        run(tmp_path, "--out", str(out / "stage1.pt"))
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # nothing touched
+    # a new stage 1 that fails before its first save leaves the finished stage 2 in place; once it saves, stage 2 goes
+    def fail(stage, step, model):
+        raise RuntimeError("a crash in the first step")
+    with pytest.raises(RuntimeError, match="a crash"):
+        T.train(make_args(tmp_path), tiny_teacher(), ByteTokenizer(), on_step=fail)
+    assert (out / "stage2.pt").read_bytes() == before["stage2.pt"]
+    assert run(tmp_path, "--stage", "1", "--save-every", "1", interrupt_at=(1, 1)) == "interrupted"
+    assert not (out / "stage2.pt").exists() and not (out / "stage2_curve.json").exists()
+    for cut in (1000, 0):  # a truncated or empty checkpoint (a full disk, a copy cut short): say so, and what to do
+        (out / "stage1.pt").write_bytes((out / "stage1.pt").read_bytes()[:cut])
+        with pytest.raises(L.UserError, match=r"stage1\.pt: not a readable checkpoint \(truncated or corrupt.*delete it"):
+            run(tmp_path, "--resume")
 
 
 @pytest.mark.parametrize("loss", ["ce", "mix"])

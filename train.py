@@ -281,7 +281,8 @@ def load_checkpoint(path, model, fingerprint, ignore=()):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise L.UserError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:80]})") from None
+        raise L.UserError(f"{path}: not a readable checkpoint (truncated or corrupt: torch.load raised "
+                          f"{e.__class__.__name__}); delete it to run that stage afresh, or pass another --out") from None
     if not isinstance(ckpt, dict) or "params" not in ckpt or "step" not in ckpt:
         raise L.UserError(f"{path}: not a train.py checkpoint")
     if ckpt["fingerprint"] != fingerprint:
@@ -325,6 +326,8 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
                    if ckpt["args"].get(k) != getattr(args, k)]
         log(f"stage {stage}: resuming at step {start}/{total} from {path}"
             + (f" (note: {', '.join(changed)} changed since: not bit-for-bit)" if changed else ""))
+        if any(ckpt["args"].get(k) != getattr(args, k) for k in ("steps", "tokens")):
+            log(f"note: --steps/--tokens differ from the checkpoint's; a resumed stage keeps its {total} steps")
     warmup = args.warmup if args.warmup is not None else max(1, min(100, total // 20))
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
@@ -403,6 +406,11 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
                 t_log, log_step, loss_acc = now, done, torch.zeros((), device=device)
             if stopping or done == total or done % args.save_every == 0:
                 if rank == 0:
+                    if stage == 1:  # a stage 2 fine-tuned from an earlier stage 1 no longer fits: only now is it stale
+                        for old in (path.with_name("stage2.pt"), path.with_name("stage2_curve.json")):
+                            if old.exists():
+                                old.unlink()
+                                log(f"removed {old}: it belonged to an earlier stage 1")
                     L.save_student(path, raw, ctx["teacher_path"], stage=stage, step=done, total=total, done=done == total,
                                    optimizer=opt.state_dict(), rng=torch.get_rng_state(), val=val, args=vars(args),
                                    curve=curve)
@@ -446,9 +454,29 @@ def lawcat_overrides(args):
                 lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
 
 
+def check_args(args):
+    """Every number in range and --out a directory, before anything is read or written."""
+    def name(k):
+        return "--" + k.replace("_", "-")
+    for k in ("seq_len", "batch_size", "micro_batch", "tokens", "steps", "grad_clip", "mse_weight",
+              "log_every", "eval_every", "eval_seqs", "save_every", "conv_size", "lora_rank", "lora_alpha"):
+        v = getattr(args, k)
+        if v is not None and not v > 0:  # `not >` catches NaN too
+            raise L.UserError(f"{name(k)} {v}: must be positive")
+    for k in ("lr1", "lr2", "warmup", "weight_decay", "gate_halflife"):  # lr 0: a stage that only evaluates
+        v = getattr(args, k)
+        if v is not None and not v >= 0:
+            raise L.UserError(f"{name(k)} {v}: must be zero or more")
+    if not 0 <= args.passkey_frac <= 1:
+        raise L.UserError(f"--passkey-frac {args.passkey_frac}: must be between 0 and 1")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise L.UserError(f"--out {args.out}: is a file, not a directory; pass a directory for the checkpoints")
+
+
 def train(args, model=None, tokenizer=None, on_step=None):
     """Run the stages args asks for. model/tokenizer: a teacher already built (tests); else --init.
     Returns "done" or "interrupted"; raises L.UserError on bad input or a diverged loss."""
+    check_args(args)
     t_run, world, rank = time.time(), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if world > 1:
@@ -500,9 +528,6 @@ def train(args, model=None, tokenizer=None, on_step=None):
     status = "done"
     if 1 in stages and not resume2:
         ckpt = load_checkpoint(ck[1], model, fingerprint) if args.resume and ck[1].exists() else None
-        if ckpt is None and ck[2].exists() and rank == 0:
-            ck[2].unlink()  # it was fine-tuned from another stage 1
-            log(f"removed {ck[2]}: a new stage 1 starts from scratch")
         if ckpt and ckpt["done"]:
             log(f"stage 1: already done in {ck[1]}")
         else:
