@@ -1583,6 +1583,9 @@ def test_jsonl_documents_and_a_bad_line(tmp_path):
     f.write_text('{"text": "one"}\nplain words\n')
     with pytest.raises(L.UserError, match=r"docs\.jsonl:2: not a JSON line \(rename the file to \.txt"):
         T.read_documents(f, "jsonl")
+    f.write_text('{"content": "one"}\n{"body": "two"}\n')  # another dataset's field name
+    with pytest.raises(L.UserError, match=r"docs\.jsonl: no row has a \"text\" field"):
+        T.read_documents(f, "jsonl")
 
 
 def test_data_cache_rebuilt_only_when_source_changes(tmp_path):

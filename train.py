@@ -95,6 +95,8 @@ def read_documents(path, kind):
         for r in rows:
             books.setdefault(r["book"], {}).setdefault(r["chapter"], []).append(r["text"])
         return ["\n".join(" ".join(v) for v in chapters.values()) for chapters in books.values()]
+    if rows and not any(isinstance(r, dict) and "text" in r or isinstance(r, str) for r in rows):
+        raise L.UserError(f"{path}: no row has a \"text\" field; each JSON line should be {{\"text\": \"...\"}}")
     return [r.get("text", "") if isinstance(r, dict) else str(r) for r in rows]
 
 
