@@ -1329,13 +1329,16 @@ def load_student(path, device="cpu", dtype=None, teacher=None):
                         f"stage2.pt that train.py wrote, and teacher weights go to --teacher --init")
     switches = {k: v for k, v in ckpt["config"].items() if k in LAWCAT_FIELDS}
     teacher = teacher or recorded_teacher(ckpt, path)
-    # the fingerprint rounds to bf16; fp16 weights would be rounded twice (fp32 -> fp16 -> bf16): check in fp32
-    model, tokenizer, _ = load_model(teacher, device, torch.float32 if dtype == torch.float16 else dtype, **switches)
+    # the fingerprint rounds to bf16; fp16 weights would be rounded twice (fp32 -> fp16 -> bf16): check those in fp32,
+    # on the CPU (twice the fp16 bytes), then move
+    fp16 = dtype == torch.float16
+    model, tokenizer, _ = load_model(teacher, "cpu" if fp16 else device, torch.float32 if fp16 else dtype, **switches)
     fp = teacher_fingerprint(model)
     if fp != ckpt["fingerprint"]:
         raise UserError(f"{path}: was distilled from a teacher with fingerprint {ckpt['fingerprint']}, but "
                         f"{teacher} has {fp}; pass the teacher it was trained on")
-    model.to(dtype or next(model.parameters()).dtype)
+    if fp16:
+        model.to(device, dtype)
     attach_student(model, ckpt["params"], path)
     merge_lora(model)
     model.eval()

@@ -612,7 +612,7 @@ def main(argv=None):
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens")
+    p.add_argument("--top-k", type=int, default=200, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=1337, help="sampling seed")
     mode = p.add_mutually_exclusive_group()
     for m, what in (("passkey", "passkey retrieval"), ("niah", "S-NIAH-1/2/3"), ("babilong", "BABILong-style QA2/QA3"),
@@ -645,9 +645,11 @@ def main(argv=None):
             raise L.UserError("--random-model is for --bench only")
         if args.teacher and args.no_teacher:
             raise L.UserError("--teacher runs the teacher alone, --no-teacher the student alone: pass one of them")
-        for k in ("trials", "max_new_tokens", "top_k", "decode_steps"):
+        for k in ("trials", "max_new_tokens", "decode_steps"):
             if getattr(args, k) is not None and getattr(args, k) < 1:
                 raise L.UserError(f"--{k.replace('_', '-')} {getattr(args, k)}: must be 1 or more")
+        if args.top_k < 0:
+            raise L.UserError(f"--top-k {args.top_k}: must be 0 (the whole vocabulary) or more")
         if not args.temperature >= 0:
             raise L.UserError(f"--temperature {args.temperature}: must be 0 (greedy) or more")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[args.dtype]

@@ -256,6 +256,10 @@ def test_meta_dir_fixture_loads_and_matches_reference(tmp_path):
     assert model.cfg.ffn_dim == cfg.ffn_dim and model.cfg.rope_scaling["factor"] == 32.0
     tokens = torch.randint(0, cfg.vocab_size, (29,), generator=torch.Generator().manual_seed(2))
     assert rel_err(model(tokens[None])[0], reference_logits(w, cfg, tokens)) < 1e-5
+    pth = tmp_path / "meta" / "consolidated.00.pth"
+    pth.write_bytes(pth.read_bytes()[:5000])  # a download cut short
+    with pytest.raises(L.UserError, match=r"consolidated\.00\.pth: cannot read \(truncated or corrupt.*re-download it"):
+        L.load_model(str(tmp_path / "meta"))
 
 
 @pytest.fixture(scope="module")
@@ -1321,17 +1325,30 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert S.parse_lengths("0,1K,2k,4096") == [0, 1024, 2048, 4096]
     rand = ["--bench", "--random-model", "smollm2-135m", "--lengths", "32"]
     for argv, msg in ((["--teacher", "--no-teacher"], "pass one of them"),
-                      (["--top-k", "0"], "--top-k 0: must be 1 or more"),
                       (["--passkey", "--trials", "-1"], "--trials -1: must be 1 or more"),
                       (["--max-new-tokens", "0"], "--max-new-tokens 0: must be 1 or more"),
                       (["--temperature", "-1"], "--temperature -1.0: must be 0 (greedy) or more"),
                       (["--passkey", "--lengths=-1K"], "--lengths '-1K'"),
                       (["--passkey", "--lengths", ","], "--lengths ','"),
-                      (rand + ["--decode-steps", "0"], "--decode-steps 0: must be 1 or more"),
-                      (rand + ["--json", str(tmp_path)], "is a directory; pass a file name")):  # before the bench runs
+                      (["--top-k", "-1"], "--top-k -1: must be 0 (the whole vocabulary) or more"),
+                      (rand + ["--decode-steps", "0"], "--decode-steps 0: must be 1 or more")):
         assert S.main(argv) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, (argv, err)
+
+
+def test_a_results_path_that_is_a_directory_stops_before_the_evaluation(tmp_path, monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("evaluated before the results path was checked")
+    monkeypatch.setattr(S, "bench", never)
+    monkeypatch.setattr(S, "evaluate", never)
+    args = argparse.Namespace(json=str(tmp_path), random_model=None, trials=None, decode_steps=2, argv=[], force=False,
+                              past_context=False)
+    runners = [("student", tiny_model(257, student=True), S.contextlib.nullcontext)]
+    with pytest.raises(L.UserError, match="is a directory; pass a file name"):
+        S.run_bench(args, runners, {}, [32], torch.device("cpu"))
+    with pytest.raises(L.UserError, match="is a directory; pass a file name"):
+        S.run_eval(args, "passkey", runners, None, {}, [32], [0.5], torch.device("cpu"))
 
 
 def test_bench_runs_and_measures_constant_student_state(capsys):

@@ -408,16 +408,16 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
                 t_log, log_step, loss_acc = now, done, torch.zeros((), device=device)
             if stopping or done == total or done % args.save_every == 0:
                 if rank == 0:
-                    if stage == 1:  # a stage 2 fine-tuned from an earlier stage 1 no longer fits: only now is it stale
-                        for old in (path.with_name("stage2.pt"), path.with_name("stage2_curve.json")):
-                            if old.exists():
-                                old.unlink()
-                                log(f"removed {old}: it belonged to an earlier stage 1")
                     L.save_student(path, raw, ctx["teacher_path"], stage=stage, step=done, total=total, done=done == total,
                                    optimizer=opt.state_dict(), rng=torch.get_rng_state(), val=val, args=vars(args),
                                    curve=curve)
                     L.atomic_write(path.with_name(f"stage{stage}_curve.json"), lambda f: f.write(json.dumps(
                         dict(stage=stage, loss=what, curve=curve), indent=1).encode()))
+                    if stage == 1:  # a stage 2 fine-tuned from an earlier stage 1 is stale once this one is saved
+                        for old in (path.with_name("stage2.pt"), path.with_name("stage2_curve.json")):
+                            if old.exists():
+                                old.unlink()
+                                log(f"removed {old}: it belonged to an earlier stage 1")
                 saved = (path, done)
             if stopping:
                 log(f"interrupted: saved {path} at step {done}; continue with --resume")
@@ -461,11 +461,11 @@ def check_args(args):
     def name(k):
         return "--" + k.replace("_", "-")
     for k in ("seq_len", "batch_size", "micro_batch", "tokens", "steps", "grad_clip", "mse_weight",
-              "log_every", "eval_every", "eval_seqs", "save_every", "conv_size", "lora_rank", "lora_alpha"):
+              "log_every", "eval_every", "save_every", "conv_size", "lora_rank", "lora_alpha"):
         v = getattr(args, k)
         if v is not None and not v > 0:  # `not >` catches NaN too
             raise L.UserError(f"{name(k)} {v}: must be positive")
-    for k in ("lr1", "lr2", "warmup", "weight_decay", "gate_halflife"):  # lr 0: a stage that only evaluates
+    for k in ("lr1", "lr2", "warmup", "weight_decay", "gate_halflife", "eval_seqs"):  # lr 0 / eval-seqs 0: allowed
         v = getattr(args, k)
         if v is not None and not v >= 0:
             raise L.UserError(f"{name(k)} {v}: must be zero or more")
