@@ -113,6 +113,13 @@ def naive_lawcat(q, k, v, g, state=None, eps=1e-6, normalize=True):
     return torch.stack(out, 1), (S, z)
 
 
+def tolerances(device):
+    """The largest RMSE(diff) / RMS(float64 reference) that `python kernel.py` and the tests accept, per input dtype:
+    fp32 5e-3 on a GPU (tf32 products; measured up to 1.3e-3 on an H200) and 1e-4 on a CPU (fp32 throughout;
+    measured up to 1.6e-5 under Triton's interpreter); bf16 1e-2 (bf16 operands, ~3 significant digits; up to 6e-3)."""
+    return {torch.float32: 5e-3 if str(device).startswith("cuda") else 1e-4, torch.bfloat16: 1e-2}
+
+
 def lawcat_step(q, k, v, g, state, eps=1e-6, normalize=True):
     """One decode token: q, k, g (B, H, K), v (B, H, V), state (S, z) fp32 -> o (B, H, V), new state."""
     S, z = state
@@ -591,10 +598,10 @@ def _check(device, quick):
     errs = [rel_err(a, r) for a, r in zip(out, ref)]
     worst[torch.bfloat16] = max(worst[torch.bfloat16], *errs)
     print(f"T={T} H=2 bf16 fwd+bwd vs float64 chunked: " + " ".join(f"{n} {e:.1e}" for n, e in zip(names, errs)))
-    # the tests' tolerances: fp32 5e-3 (tf32 products on a GPU), bf16 1e-2 (bf16 operands, ~3 significant digits)
-    ok = worst[torch.float32] <= 5e-3 and worst[torch.bfloat16] <= 1e-2
-    print(f"check {'passed' if ok else 'FAILED'}: worst ratio fp32 {worst[torch.float32]:.1e} (<= 5e-3), bf16 "
-          f"{worst[torch.bfloat16]:.1e} (<= 1e-2)" + ("" if device == "cuda" else
+    tol = tolerances(device)
+    ok = worst[torch.float32] <= tol[torch.float32] and worst[torch.bfloat16] <= tol[torch.bfloat16]
+    print(f"check {'passed' if ok else 'FAILED'}: worst ratio fp32 {worst[torch.float32]:.1e} (<= {tol[torch.float32]:.0e}), "
+          f"bf16 {worst[torch.bfloat16]:.1e} (<= {tol[torch.bfloat16]:.0e})" + ("" if device == "cuda" else
           "; under Triton's interpreter, a quick subset (2 of 6 cases, shorter sequences); timing needs a GPU"))
     return ok
 

