@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 import lawcat as L  # noqa: E402
 import sample as S  # noqa: E402
 import train as T  # noqa: E402
-from kernel import chunked_torch, lawcat_attention, lawcat_step, naive_lawcat, rel_err, tolerances  # noqa: E402
+from kernel import lawcat_attention, lawcat_step, naive_lawcat, rel_err, tolerances  # noqa: E402
 
 
 def package_file(pkg, rel):
@@ -1122,8 +1122,10 @@ def test_kernel_long_sequence_gpu():
     torch.manual_seed(5)
     xs, state = make(1, 16384, 4, 64, 64, extreme=0.001, dtype=torch.bfloat16)
     o, (S, z) = lawcat_attention(*xs, state)
-    ro, (rS, rz) = chunked_torch(*[x.double() for x in xs], tuple(x.double() for x in state))
-    assert rel_err(o, ro) <= 1e-2 and rel_err(S, rS) <= 1e-2 and rel_err(z, rz) <= 1e-2
+    # the token-by-token recurrence, not the chunked algebra the kernel shares (16K small steps: about a second)
+    ro, (rS, rz) = naive_lawcat(*[x.double() for x in xs], tuple(x.double() for x in state))
+    for name, a, r in (("o", o, ro), ("S", S, rS), ("z", z, rz)):
+        assert rel_err(a, r) <= TOL[torch.bfloat16], (name, rel_err(a, r))
 
 
 # ----------------------------------------------------------------------------------------------
