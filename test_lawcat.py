@@ -1451,7 +1451,9 @@ def make_args(tmp_path, *extra, text=TEXT):
     return T.get_args(["--init", "tiny", "--data", str(data), "--out", str(tmp_path / "out"), "--cache-dir",
                        str(tmp_path / "cache"), "--seq-len", "32", "--batch-size", "2", "--steps", "4",
                        "--log-every", "1", "--eval-every", "2", "--eval-seqs", "2", "--save-every", "2",
-                       "--passkey-frac", "0", *extra])  # 33 bytes hold no passkey prompt: test_passkey_data_mix
+                       "--passkey-frac", "0", "--device", "cpu", *extra])
+    # 33 bytes hold no passkey prompt (test_passkey_data_mix); --device cpu: the tiny teacher is built on the CPU, and
+    # train() runs a model it is given where it is (on a GPU machine it would otherwise pick the GPU)
 
 
 def fixed_batch(n=2, T_=33, seed=1):
@@ -1521,6 +1523,46 @@ def test_stage2_loss_in_chunks_equals_whole(tmp_path, monkeypatch, loss):
         runs.append([value.detach()] + [p.grad.clone() for p in model.parameters() if p.grad is not None])
     assert len(runs[0]) == len(runs[1]) > 1
     assert all(rel_err(a, b) <= 1e-5 for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("loss", ["ce", "mix"])
+def test_stage2_windows_carry_the_state_and_truncate_the_gradient(tmp_path, loss):
+    """--window: the loss over windows of 10, 10, 10 and 2 tokens, the state carried, equals one pass over the 32;
+    the gradient is the sum of each window's gradient with the states before it held constant, each recomputed
+    here from scratch (the prefix under no_grad, every layer's state and the teacher's KV cache built anew); and
+    it is not the full gradient, which flows back through the carried state."""
+    model = L.convert_to_lawcat(tiny_teacher(), verbose=False)
+    L.add_lora(model)
+    for p in L.new_parameters(model).values():
+        p.data += torch.randn_like(p) * 0.2
+    model.set_mode("lawcat")
+    batch, args, W = fixed_batch(), make_args(tmp_path, "--loss", loss), 10
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        value = fn()
+        return [value] + [p.grad.clone() for p in params]
+    full = grads(lambda: T.backward_loss(2, model, model, batch, args, 32, 0.5))
+    windowed = grads(lambda: T.backward_loss(2, model, model, batch, args, W, 0.5))
+
+    def reference():  # window by window, each from a state rebuilt from scratch
+        total = 0.
+        for start in range(0, 32, W):
+            caches = T.window_caches(model, len(batch), args, batch.device)
+            if start:
+                with torch.no_grad():
+                    T.compute_loss(2, model, model, batch[:, :start + 1], args, caches, 0)
+            loss = T.compute_loss(2, model, model, batch[:, start:start + W + 1], args, caches, start)
+            share = (min(start + W, 32) - start) / 32
+            (loss * 0.5 * share).backward()
+            total += loss.item() * 0.5 * share
+        return torch.tensor(total)
+    want = grads(reference)
+    assert len(full) == len(windowed) == len(want) > 2
+    assert rel_err(windowed[0], full[0]) <= 1e-6  # the forward is exact across windows
+    assert all(rel_err(a, b) <= 1e-5 for a, b in zip(windowed, want))
+    assert max(rel_err(a, b) for a, b in zip(windowed[1:], full[1:])) > 1e-2  # the truncation is real
 
 
 def test_stage1_loss_is_the_weighted_mean_of_every_layers_mse_on_the_teachers_inputs(tmp_path):
@@ -1605,6 +1647,7 @@ def test_bad_flags_stop_before_anything_is_written_and_a_new_stage_1_keeps_stage
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     for flags, msg in ((("--seq-len", "0"), "--seq-len 0: must be positive"),
                        (("--eval-every", "0"), "--eval-every 0: must be positive"),
+                       (("--window", "-1"), "--window -1: must be positive"),
                        (("--batch-size", "-2"), "--batch-size -2: must be positive"),
                        (("--lora-rank", "0"), "--lora-rank 0: must be positive"),
                        (("--lr1", "-1"), "--lr1 -1.0: must be zero or more"),
@@ -1629,12 +1672,13 @@ def test_bad_flags_stop_before_anything_is_written_and_a_new_stage_1_keeps_stage
             run(tmp_path, "--resume")
 
 
-@pytest.mark.parametrize("loss", ["ce", "mix"])
-def test_resume_is_bit_exact(tmp_path, monkeypatch, loss):
+@pytest.mark.parametrize("loss,window", [("ce", None), ("mix", None), ("mix", "100")], ids=["ce", "mix", "mix-window"])
+def test_resume_is_bit_exact(tmp_path, monkeypatch, loss, window):
     monkeypatch.setattr(T, "LOSS_CHUNK", 7)  # several recomputed pieces of the stage-2 loss per micro-batch
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     extra = ("--seq-len", "271", "--passkey-frac", "0.3", "--save-every", "100", "--loss", loss)  # room for passkeys
+    extra += ("--window", window) if window else ()  # stage 2 on windows of 100, 100 and 71 tokens
     assert run(a, *extra) == "done"
     assert run(b, *extra, interrupt_at=(1, 3)) == "interrupted"
     assert torch.load(b / "out/stage1.pt", weights_only=True)["step"] == 3

@@ -210,24 +210,56 @@ def passkey_sequence(tok, n, rng, key=None):
 # ----------------------------------------------------------------------------------------------
 # Losses, schedule, FLOPs
 
-def compute_loss(stage, model, raw, batch, args):
+def compute_loss(stage, model, raw, batch, args, caches=None, start=0):
     """Stage 1: every layer's student-to-teacher attention MSE (x mse_weight); the teacher's logits are not
-    needed, so its LM head is skipped. Stage 2: the student's next-token CE, KL(teacher || student), or their mean."""
+    needed, so its LM head is skipped. Stage 2: the student's next-token CE, KL(teacher || student), or their mean.
+    caches (stage 2 on windows, --window): the student's and the teacher's per-layer states after the tokens
+    before `start`, from window_caches(); the forward continues the sequence exactly, the backward stops at start."""
     x, y = batch[:, :-1], batch[:, 1:]
     if stage == 1:
         model(x, logits=False)  # distill mode: the teacher's forward; each layer stores its student's MSE
         return args.mse_weight * L.distill_loss(raw)
-    h = model(x, logits=False).flatten(0, 1)  # (B*T, D): the head runs below, a chunk of tokens at a time
-    th = None
+    student_caches, teacher_caches = caches or (None, None)
+    h = model(x, caches=student_caches, start_pos=start, logits=False).flatten(0, 1)  # (B*T, D): the head runs below,
+    th = None                                                                        # a chunk of tokens at a time
     if args.loss != "ce":
         with torch.no_grad(), L.as_teacher(raw):
-            th = raw(x, logits=False).flatten(0, 1)
+            th = raw(x, caches=teacher_caches, start_pos=start, logits=False).flatten(0, 1)
     y, total = y.reshape(-1), 0.
     for i in range(0, len(y), LOSS_CHUNK):
         part = (h[i:i + LOSS_CHUNK], y[i:i + LOSS_CHUNK], None if th is None else th[i:i + LOSS_CHUNK])
         total = total + torch.utils.checkpoint.checkpoint(lm_loss_sum, raw, *part, args.loss, use_reentrant=False,
                                                             preserve_rng_state=False)  # the head draws no random numbers
     return total / len(y)
+
+
+def window_caches(raw, batch, args, device):
+    """Empty states for one micro-batch of stage 2 on windows: the student's conv tails and (S, z) per layer, and
+    the teacher's KV cache for the whole sequence when its logits are needed (--loss kl or mix)."""
+    teacher = None
+    if args.loss != "ce":
+        with L.as_teacher(raw):
+            teacher = raw.new_caches(batch, args.seq_len, device, raw.tok_embeddings.weight.dtype)
+    return raw.new_caches(batch, args.seq_len, device, None), teacher
+
+
+def backward_loss(stage, model, raw, batch, args, window, scale, sync=lambda last: contextlib.nullcontext()):
+    """Backpropagate compute_loss(batch) x scale; return it, detached. With a window shorter than the sequence
+    (stage 2, --window), one window at a time: the states carried from each to the next, their gradients not
+    (truncated backprop), each window's loss weighted by its share of the tokens, so the value is one pass's.
+    sync(last): the context for each backward (DDP's no_sync but for the last)."""
+    seq = batch.shape[1] - 1
+    caches = window_caches(raw, len(batch), args, batch.device) if window < seq else None
+    total = 0.
+    for start in range(0, seq, window):
+        piece = batch[:, start:start + window + 1]  # (B, window + 1): inputs and next-token targets
+        with sync(start + window >= seq):
+            loss = compute_loss(stage, model, raw, piece, args, caches, start) * (scale * (piece.shape[1] - 1) / seq)
+            loss.backward()
+        total = total + loss.detach()
+        for c in caches[0] if caches else ():
+            c.update({k: v.detach() for k, v in c.items()})
+    return total
 
 
 # Tokens per piece of the stage-2 loss: full fp32 logits for 16 x 1024 tokens of a 128K vocabulary are 8 GB,
@@ -324,17 +356,19 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
         opt.load_state_dict(ckpt["optimizer"])
         start, total = ckpt["step"], ckpt["total"]
         torch.set_rng_state(ckpt["rng"])
-        changed = [k for k in ("seq_len", "batch_size", "seed", "passkey_frac", "data", "loss", f"lr{stage}", "warmup")
+        changed = [k for k in ("seq_len", "window", "batch_size", "seed", "passkey_frac", "data", "loss", f"lr{stage}", "warmup")
                    if ckpt["args"].get(k) != getattr(args, k)]
         log(f"stage {stage}: resuming at step {start}/{total} from {path}"
             + (f" (note: {', '.join(changed)} changed since: not bit-for-bit)" if changed else ""))
         if any(ckpt["args"].get(k) != getattr(args, k) for k in ("steps", "tokens")):
             log(f"note: --steps/--tokens differ from the checkpoint's; a resumed stage keeps its {total} steps")
     warmup = args.warmup if args.warmup is not None else max(1, min(100, total // 20))
+    window = min(args.window or args.seq_len, args.seq_len) if stage == 2 else args.seq_len
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
     log(f"stage {stage}: {total} steps x {args.batch_size} x {args.seq_len} tokens = {total * seq_tokens / 1e6:.2f}M tokens, "
-        f"{sum(p.numel() for p in params):,} trainable parameters, lr {lr:g}, {world} process(es) x {accum} x {micro} sequences")
+        f"{sum(p.numel() for p in params):,} trainable parameters, lr {lr:g}, {world} process(es) x {accum} x {micro} sequences"
+        + (f", backpropagated through windows of {window} tokens" if window < args.seq_len else ""))
     fpt, peak = flops_per_token(raw.cfg, stage, args.seq_len, args.loss), peak_flops(device)
 
     def evaluate():  # the stage's loss on the first --eval-seqs validation windows, shared among ranks
@@ -366,10 +400,9 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
                 g["lr"] = lr_at(step, total, lr, warmup)
             for m in range(accum):
                 batch = data.batch(step * args.batch_size + rank * per_rank + m * micro, micro, device)
-                with model.no_sync() if world > 1 and m < accum - 1 else contextlib.nullcontext():
-                    loss = compute_loss(stage, model, raw, batch, args) / accum
-                    loss.backward()
-                loss_acc += loss.detach()
+                final = m == accum - 1  # DDP averages the ranks' gradients once, in the step's last backward
+                loss_acc += backward_loss(stage, model, raw, batch, args, window, 1 / accum, lambda last: (
+                    model.no_sync() if world > 1 and not (final and last) else contextlib.nullcontext()))
             # an inf gradient with a finite loss turns into NaN weights through the clip: count it as bad too,
             # so the run stops before any checkpoint holds those weights
             bad |= ~torch.isfinite(loss_acc) | ~torch.isfinite(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
@@ -460,7 +493,7 @@ def check_args(args):
     """Every number in range and --out a directory, before anything is read or written."""
     def name(k):
         return "--" + k.replace("_", "-")
-    for k in ("seq_len", "batch_size", "micro_batch", "tokens", "steps", "grad_clip", "mse_weight",
+    for k in ("seq_len", "window", "batch_size", "micro_batch", "tokens", "steps", "grad_clip", "mse_weight",
               "log_every", "eval_every", "save_every", "conv_size", "lora_rank", "lora_alpha"):
         v = getattr(args, k)
         if v is not None and not v > 0:  # `not >` catches NaN too
@@ -565,6 +598,8 @@ def get_args(argv=None):
     a("--stage", choices=["1", "2", "both"], default="both", help="which stage(s) to run; stage 2 starts from stage1.pt")
     a("--resume", action="store_true", help="continue from the checkpoints in --out")
     a("--seq-len", type=int, default=1024, help="training sequence length")
+    a("--window", type=int, help="stage 2: backpropagate through windows of this many tokens of each sequence, the "
+      "state carried from one to the next (truncated backprop: sequences of --seq-len at the memory of a window)")
     a("--batch-size", type=int, help="sequences per optimizer step, all processes together (default: 16 per GPU; 1 on CPU)")
     a("--micro-batch", type=int, help="sequences per forward per process (default: min(16, batch per process)); lower it if memory runs out")
     a("--tokens", type=int, help="training tokens per stage (default: 20M on GPU, 32K on CPU)")
