@@ -220,8 +220,9 @@ def compute_loss(stage, model, raw, batch, args, caches=None, start=0):
         model(x, logits=False)  # distill mode: the teacher's forward; each layer stores its student's MSE
         return args.mse_weight * L.distill_loss(raw)
     student_caches, teacher_caches = caches or (None, None)
-    h = model(x, caches=student_caches, start_pos=start, logits=False).flatten(0, 1)  # (B*T, D): the head runs below,
-    th = None                                                                        # a chunk of tokens at a time
+    # (B*T, D): the head runs below, a chunk of tokens at a time
+    h = model(x, caches=student_caches, start_pos=start, logits=False).flatten(0, 1)
+    th = None
     if args.loss != "ce":
         with torch.no_grad(), L.as_teacher(raw):
             th = raw(x, caches=teacher_caches, start_pos=start, logits=False).flatten(0, 1)
@@ -233,32 +234,34 @@ def compute_loss(stage, model, raw, batch, args, caches=None, start=0):
     return total / len(y)
 
 
-def window_caches(raw, batch, args, device):
-    """Empty states for one micro-batch of stage 2 on windows: the student's conv tails and (S, z) per layer, and
+def window_caches(raw, n, seq_len, loss, device):
+    """Empty states for n sequences of stage 2 on windows: the student's conv tails and (S, z) per layer, and
     the teacher's KV cache for the whole sequence when its logits are needed (--loss kl or mix)."""
     teacher = None
-    if args.loss != "ce":
-        with L.as_teacher(raw):
-            teacher = raw.new_caches(batch, args.seq_len, device, raw.tok_embeddings.weight.dtype)
-    return raw.new_caches(batch, args.seq_len, device, None), teacher
+    if loss != "ce":
+        with L.as_teacher(raw):  # new_caches gives KV caches to softmax attention
+            teacher = raw.new_caches(n, seq_len, device, raw.tok_embeddings.weight.dtype)
+    return raw.new_caches(n, seq_len, device, None), teacher
 
 
-def backward_loss(stage, model, raw, batch, args, window, scale, sync=lambda last: contextlib.nullcontext()):
+def backward_loss(stage, model, raw, batch, args, window, scale, sync=True):
     """Backpropagate compute_loss(batch) x scale; return it, detached. With a window shorter than the sequence
     (stage 2, --window), one window at a time: the states carried from each to the next, their gradients not
     (truncated backprop), each window's loss weighted by its share of the tokens, so the value is one pass's.
-    sync(last): the context for each backward (DDP's no_sync but for the last)."""
+    sync: under DDP, whether this batch's last backward averages the ranks' gradients (once per step)."""
     seq = batch.shape[1] - 1
-    caches = window_caches(raw, len(batch), args, batch.device) if window < seq else None
+    caches = window_caches(raw, len(batch), seq, args.loss, batch.device) if window < seq else None
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     total = 0.
     for start in range(0, seq, window):
         piece = batch[:, start:start + window + 1]  # (B, window + 1): inputs and next-token targets
-        with sync(start + window >= seq):
+        with model.no_sync() if ddp and not (sync and start + window >= seq) else contextlib.nullcontext():
             loss = compute_loss(stage, model, raw, piece, args, caches, start) * (scale * (piece.shape[1] - 1) / seq)
             loss.backward()
         total = total + loss.detach()
-        for c in caches[0] if caches else ():
-            c.update({k: v.detach() for k, v in c.items()})
+        if caches:  # the next window starts from this state, not from its graph (freed by this backward anyway)
+            for c in caches[0]:  # the student's; the teacher's KV cache was written without grad
+                c.update({k: v.detach() for k, v in c.items()})
     return total
 
 
@@ -356,8 +359,8 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
         opt.load_state_dict(ckpt["optimizer"])
         start, total = ckpt["step"], ckpt["total"]
         torch.set_rng_state(ckpt["rng"])
-        changed = [k for k in ("seq_len", "window", "batch_size", "seed", "passkey_frac", "data", "loss", f"lr{stage}", "warmup")
-                   if ckpt["args"].get(k) != getattr(args, k)]
+        changed = [k for k in ("seq_len", "batch_size", "seed", "passkey_frac", "data", "loss", f"lr{stage}", "warmup")
+                   + (("window",) if stage == 2 else ()) if ckpt["args"].get(k) != getattr(args, k)]
         log(f"stage {stage}: resuming at step {start}/{total} from {path}"
             + (f" (note: {', '.join(changed)} changed since: not bit-for-bit)" if changed else ""))
         if any(ckpt["args"].get(k) != getattr(args, k) for k in ("steps", "tokens")):
@@ -365,7 +368,7 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
     warmup = args.warmup if args.warmup is not None else max(1, min(100, total // 20))
     window = min(args.window or args.seq_len, args.seq_len) if stage == 2 else args.seq_len
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+        model = data_parallel(raw)
     log(f"stage {stage}: {total} steps x {args.batch_size} x {args.seq_len} tokens = {total * seq_tokens / 1e6:.2f}M tokens, "
         f"{sum(p.numel() for p in params):,} trainable parameters, lr {lr:g}, {world} process(es) x {accum} x {micro} sequences"
         + (f", backpropagated through windows of {window} tokens" if window < args.seq_len else ""))
@@ -400,9 +403,7 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
                 g["lr"] = lr_at(step, total, lr, warmup)
             for m in range(accum):
                 batch = data.batch(step * args.batch_size + rank * per_rank + m * micro, micro, device)
-                final = m == accum - 1  # DDP averages the ranks' gradients once, in the step's last backward
-                loss_acc += backward_loss(stage, model, raw, batch, args, window, 1 / accum, lambda last: (
-                    model.no_sync() if world > 1 and not (final and last) else contextlib.nullcontext()))
+                loss_acc += backward_loss(stage, model, raw, batch, args, window, 1 / accum, sync=m == accum - 1)
             # an inf gradient with a finite loss turns into NaN weights through the clip: count it as bad too,
             # so the run stops before any checkpoint holds those weights
             bad |= ~torch.isfinite(loss_acc) | ~torch.isfinite(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
@@ -466,6 +467,13 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
     return "done"
+
+
+def data_parallel(raw):
+    """DistributedDataParallel without device_ids: the batch is already on the device, and with device_ids DDP
+    copies its inputs' dicts, those of the state that --window carries between windows too (they would not be
+    updated)."""
+    return torch.nn.parallel.DistributedDataParallel(raw)
 
 
 def fmt_time(s):
