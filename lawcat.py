@@ -1302,6 +1302,17 @@ def save_student(path, model, teacher_path, **extra):
     atomic_save(ckpt, path)
 
 
+def read_checkpoint(path, fix):
+    """A checkpoint that train.py wrote, read to the CPU; one line if it cannot be: what is wrong, then `fix`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such checkpoint; {fix}") from None
+    except Exception as e:  # a copy cut short, a full disk, another kind of file
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt: torch.load raised "
+                        f"{e.__class__.__name__}); {fix}") from None
+
+
 def recorded_teacher(ckpt, path):
     """The teacher the student checkpoint at `path` names: the path it was trained from, or, where that path is not
     on this machine (a checkpoint copied from a GPU box), the preset it was trained as. The fingerprint decides."""
@@ -1317,13 +1328,7 @@ def recorded_teacher(ckpt, path):
 def load_student(path, device="cpu", dtype=None, teacher=None):
     """(model, tokenizer, ckpt), for inference (eval mode, LoRA merged). The teacher comes from the path
     recorded in the checkpoint (or `teacher`), and must have the fingerprint recorded there."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such checkpoint; run `python train.py` first or pass --ckpt") from None
-    except Exception as e:
-        raise UserError(f"{path}: not a readable lawcat checkpoint (torch.load: {e.__class__.__name__}); --ckpt "
-                        f"takes a stage1.pt or stage2.pt that train.py wrote") from None
+    ckpt = read_checkpoint(path, "--ckpt takes a stage1.pt or stage2.pt that train.py wrote (run `python train.py` first)")
     if not isinstance(ckpt, dict) or "params" not in ckpt:
         raise UserError(f"{path}: not a lawcat student checkpoint (no 'params'); --ckpt takes a stage1.pt or "
                         f"stage2.pt that train.py wrote, and teacher weights go to --teacher --init")

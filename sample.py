@@ -519,14 +519,9 @@ def load(args, device, dtype):
     if args.teacher:
         recorded = None
         if not args.init and ckpt and ckpt.exists():  # the teacher this checkpoint was distilled from
-            try:
-                c = torch.load(ckpt, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise L.UserError(f"{ckpt}: not a readable lawcat checkpoint ({e.__class__.__name__}); "
-                                  f"pass --init with the teacher's weights") from None
+            c = L.read_checkpoint(ckpt, "pass --init with the teacher's weights")
             if not isinstance(c, dict) or "teacher" not in c:
-                raise L.UserError(f"{ckpt}: not a readable lawcat checkpoint (no teacher); "
-                                  f"pass --init with the teacher's weights")
+                raise L.UserError(f"{ckpt}: not a lawcat checkpoint (no teacher); pass --init with the teacher's weights")
             recorded = L.recorded_teacher(c, ckpt)
         model, tok, path = L.load_model(args.init or recorded or "smollm2-135m", device, dtype)
         return [("teacher", model, contextlib.nullcontext)], tok, {"student": None, "teacher": str(path)}

@@ -665,8 +665,15 @@ def test_checkpoint_from_another_machine_finds_its_preset_teacher(tmp_path, caps
     with pytest.raises(L.UserError, match=r"no 'params'\); --ckpt takes a stage1\.pt or stage2\.pt"):
         L.load_student(ckpt)
     ckpt.write_bytes(b"not a checkpoint")
-    with pytest.raises(L.UserError, match=r"not a readable lawcat checkpoint .*--ckpt takes"):
+    with pytest.raises(L.UserError, match=r"not a readable checkpoint \(truncated or corrupt.*--ckpt takes"):
         L.load_student(ckpt)
+    # sample.py --teacher reads the checkpoint for the teacher it names: the same lines, with the fix for --teacher
+    for content, why in ((b"not a checkpoint", r"not a readable checkpoint \(truncated or corrupt"),
+                         (None, r"not a lawcat checkpoint \(no teacher\)")):
+        ckpt.write_bytes(content) if content else torch.save(dict(model={}), ckpt)
+        assert S.main(["--ckpt", str(ckpt), "--teacher", "--prompt", "hi", "--max-new-tokens", "1"]) == 1
+        err = capsys.readouterr().err
+        assert re.search(why + r".*; pass --init with the teacher's weights", err) and err.count("\n") == 1, err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -315,11 +315,7 @@ def peak_flops(device):  # dense bf16 tensor-core peak
 
 def load_checkpoint(path, model, fingerprint, ignore=()):
     """A stage checkpoint of this very teacher and config (but the fields in `ignore`), its weights loaded into model."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise L.UserError(f"{path}: not a readable checkpoint (truncated or corrupt: torch.load raised "
-                          f"{e.__class__.__name__}); delete it to run that stage afresh, or pass another --out") from None
+    ckpt = L.read_checkpoint(path, "delete it to run that stage afresh, or pass another --out")
     if not isinstance(ckpt, dict) or "params" not in ckpt or "step" not in ckpt:
         raise L.UserError(f"{path}: not a train.py checkpoint")
     if ckpt["fingerprint"] != fingerprint:
