@@ -1538,7 +1538,7 @@ def test_stage2_loss_in_chunks_equals_whole(tmp_path, monkeypatch, loss):
 def test_stage2_windows_carry_the_state_and_truncate_the_gradient(tmp_path, loss):
     """--window: the loss over windows of 10, 10, 10 and 2 tokens, the state carried, equals one pass over the 32;
     the gradient is the sum of each window's gradient with the states before it held constant, each recomputed
-    here from scratch (the prefix under no_grad, every layer's state and the teacher's KV cache built anew); and
+    here from scratch (every layer's state built anew from the prefix under no_grad); and
     it is not the full gradient, which flows back through the carried state."""
     model = L.convert_to_lawcat(tiny_teacher(), verbose=False)
     L.add_lora(model)
@@ -1557,15 +1557,18 @@ def test_stage2_windows_carry_the_state_and_truncate_the_gradient(tmp_path, loss
 
     def reference():  # window by window, each from a state rebuilt from scratch
         total = 0.
+        with torch.no_grad(), L.as_teacher(model):  # the teacher's hidden states, causal: each position its own
+            teacher = model(batch[:, :-1], logits=False) if loss != "ce" else None
         for start in range(0, 32, W):
-            caches = T.window_caches(model, len(batch), 32, args.loss, batch.device)
+            caches = model.new_caches(len(batch), 32, batch.device, None)
             if start:
                 with torch.no_grad():
-                    T.compute_loss(2, model, model, batch[:, :start + 1], args, caches, 0)
-            loss = T.compute_loss(2, model, model, batch[:, start:start + W + 1], args, caches, start)
+                    model(batch[:, :start], caches=caches, logits=False)
+            th = None if teacher is None else teacher[:, start:start + W]
+            value = T.compute_loss(2, model, model, batch[:, start:start + W + 1], args, caches, start, th)
             share = (min(start + W, 32) - start) / 32
-            (loss * 0.5 * share).backward()
-            total += loss.item() * 0.5 * share
+            (value * 0.5 * share).backward()
+            total += value.item() * 0.5 * share
         return torch.tensor(total)
     want = grads(reference)
     assert len(full) == len(windowed) == len(want) > 2

@@ -210,22 +210,23 @@ def passkey_sequence(tok, n, rng, key=None):
 # ----------------------------------------------------------------------------------------------
 # Losses, schedule, FLOPs
 
-def compute_loss(stage, model, raw, batch, args, caches=None, start=0):
+def compute_loss(stage, model, raw, batch, args, caches=None, start=0, teacher_h=None):
     """Stage 1: every layer's student-to-teacher attention MSE (x mse_weight); the teacher's logits are not
     needed, so its LM head is skipped. Stage 2: the student's next-token CE, KL(teacher || student), or their mean.
-    caches (stage 2 on windows, --window): the student's and the teacher's per-layer states after the tokens
-    before `start`, from window_caches(); the forward continues the sequence exactly, the backward stops at start."""
+    Stage 2 on windows (--window, backward_loss): caches are the student's per-layer states after the tokens before
+    `start` (the forward continues the sequence, the backward stops at start), and teacher_h the teacher's final
+    hidden states for these tokens, computed over the whole sequence."""
     x, y = batch[:, :-1], batch[:, 1:]
     if stage == 1:
         model(x, logits=False)  # distill mode: the teacher's forward; each layer stores its student's MSE
         return args.mse_weight * L.distill_loss(raw)
-    student_caches, teacher_caches = caches or (None, None)
     # (B*T, D): the head runs below, a chunk of tokens at a time
-    h = model(x, caches=student_caches, start_pos=start, logits=False).flatten(0, 1)
-    th = None
-    if args.loss != "ce":
+    h = model(x, caches=caches, start_pos=start, logits=False).flatten(0, 1)
+    th = teacher_h
+    if args.loss != "ce" and th is None:
         with torch.no_grad(), L.as_teacher(raw):
-            th = raw(x, caches=teacher_caches, start_pos=start, logits=False).flatten(0, 1)
+            th = raw(x, logits=False)
+    th = None if th is None else th.flatten(0, 1)
     y, total = y.reshape(-1), 0.
     for i in range(0, len(y), LOSS_CHUNK):
         part = (h[i:i + LOSS_CHUNK], y[i:i + LOSS_CHUNK], None if th is None else th[i:i + LOSS_CHUNK])
@@ -234,34 +235,29 @@ def compute_loss(stage, model, raw, batch, args, caches=None, start=0):
     return total / len(y)
 
 
-def window_caches(raw, n, seq_len, loss, device):
-    """Empty states for n sequences of stage 2 on windows: the student's conv tails and (S, z) per layer, and
-    the teacher's KV cache for the whole sequence when its logits are needed (--loss kl or mix)."""
-    teacher = None
-    if loss != "ce":
-        with L.as_teacher(raw):  # new_caches gives KV caches to softmax attention
-            teacher = raw.new_caches(n, seq_len, device, raw.tok_embeddings.weight.dtype)
-    return raw.new_caches(n, seq_len, device, None), teacher
-
-
 def backward_loss(stage, model, raw, batch, args, window, scale, sync=True):
     """Backpropagate compute_loss(batch) x scale; return it, detached. With a window shorter than the sequence
-    (stage 2, --window), one window at a time: the states carried from each to the next, their gradients not
-    (truncated backprop), each window's loss weighted by its share of the tokens, so the value is one pass's.
-    sync: under DDP, whether this batch's last backward averages the ranks' gradients (once per step)."""
+    (stage 2, --window), one window at a time: the student's states carried from each to the next, their
+    gradients not (truncated backprop), each window's loss weighted by its share of the tokens, so the value is
+    one pass's. sync: under DDP, whether this batch's last backward averages the ranks' gradients (once per step)."""
     seq = batch.shape[1] - 1
-    caches = window_caches(raw, len(batch), seq, args.loss, batch.device) if window < seq else None
+    caches, teacher_h = None, None
+    if window < seq:
+        caches = raw.new_caches(len(batch), seq, batch.device, None)  # per layer: conv tails, (S, z)
+        if args.loss != "ce":  # the teacher once, over the whole sequence: no KV cache, its causal kernel
+            with torch.no_grad(), L.as_teacher(raw):
+                teacher_h = raw(batch[:, :-1], logits=False)  # (B, seq, D)
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     total = 0.
     for start in range(0, seq, window):
         piece = batch[:, start:start + window + 1]  # (B, window + 1): inputs and next-token targets
+        th = None if teacher_h is None else teacher_h[:, start:start + window]
         with model.no_sync() if ddp and not (sync and start + window >= seq) else contextlib.nullcontext():
-            loss = compute_loss(stage, model, raw, piece, args, caches, start) * (scale * (piece.shape[1] - 1) / seq)
+            loss = compute_loss(stage, model, raw, piece, args, caches, start, th) * (scale * (piece.shape[1] - 1) / seq)
             loss.backward()
         total = total + loss.detach()
-        if caches:  # the next window starts from this state, not from its graph (freed by this backward anyway)
-            for c in caches[0]:  # the student's; the teacher's KV cache was written without grad
-                c.update({k: v.detach() for k, v in c.items()})
+        for c in caches or ():  # the next window starts from this state, not from its graph (freed by this backward)
+            c.update({k: v.detach() for k, v in c.items()})
     return total
 
 
