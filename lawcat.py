@@ -1309,8 +1309,8 @@ def read_checkpoint(path, fix):
     except FileNotFoundError:
         raise UserError(f"{path}: no such checkpoint; {fix}") from None
     except Exception as e:  # a copy cut short, a full disk, another kind of file
-        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt: torch.load raised "
-                        f"{e.__class__.__name__}); {fix}") from None
+        raise UserError(f"{path}: not a readable checkpoint (torch.load raised {e.__class__.__name__}: cut short, "
+                        f"damaged, or another kind of file); {fix}") from None
 
 
 def recorded_teacher(ckpt, path):

@@ -37,7 +37,7 @@ import torch.utils.checkpoint
 import lawcat as L
 
 # ----------------------------------------------------------------------------------------------
-# Data: text files -> one token file (memory-mapped, cached next to a manifest) -> 1K-token sequences
+# Data: text files -> one token file (memory-mapped, cached next to a manifest) -> --seq-len-token sequences
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl")
 PASSKEY_DIGITS = (4, 8)  # the synthetic training keys' fewest and most digits
@@ -149,7 +149,7 @@ def load_tokens(sources, tok, cache_dir, log=print):
 
 
 class Data:
-    """Non-overlapping (seq_len + 1)-token windows; every 50th is validation. Training sample s (counted
+    """Non-overlapping (seq_len + 1)-token sequences; every 50th is validation. Training sample s (counted
     over the whole run, all ranks) is a deterministic function of (seed, s): resume needs no loader state."""
 
     def __init__(self, tokens, seq_len, tok, seed=0, passkey_frac=0.0, val_every=50):
@@ -167,7 +167,7 @@ class Data:
         if passkey_frac:
             passkey_sequence(tok, seq_len + 1, np.random.default_rng(seed), key=10 ** PASSKEY_DIGITS[1] - 1)
 
-    def window(self, i):
+    def sequence(self, i):
         return np.asarray(self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1], dtype=np.int64)
 
     def sample(self, s):
@@ -175,9 +175,9 @@ class Data:
         if self.passkey_frac and rng.random() < self.passkey_frac:
             return np.array(passkey_sequence(self.tok, self.seq_len + 1, rng), dtype=np.int64)
         epoch, pos = divmod(s, len(self.train))
-        if self._perm[0] != epoch:  # a fresh shuffle of the training windows every epoch
+        if self._perm[0] != epoch:  # a fresh shuffle of the training sequences every epoch
             self._perm = (epoch, np.random.default_rng([self.seed, 1 << 32, epoch]).permutation(self.train))
-        return self.window(self._perm[1][pos])
+        return self.sequence(self._perm[1][pos])
 
     def batch(self, first, count, device):  # pinned: a copy from pageable memory would wait for the GPU
         x = torch.from_numpy(np.stack([self.sample(s) for s in range(first, first + count)]))
@@ -241,9 +241,10 @@ def backward_loss(stage, model, raw, batch, args, window, scale, sync=True):
     gradients not (truncated backprop), each window's loss weighted by its share of the tokens, so the value is
     one pass's. sync: under DDP, whether this batch's last backward averages the ranks' gradients (once per step)."""
     seq = batch.shape[1] - 1
+    assert stage == 2 or window >= seq, "stage 1 trains each layer on the teacher's inputs: whole sequences only"
     caches, teacher_h = None, None
     if window < seq:
-        caches = raw.new_caches(len(batch), seq, batch.device, None)  # per layer: conv tails, (S, z)
+        caches = raw.new_caches(len(batch), seq, batch.device, None)  # a student's: empty dicts the forward fills
         if args.loss != "ce":  # the teacher once, over the whole sequence: no KV cache, its causal kernel
             with torch.no_grad(), L.as_teacher(raw):
                 teacher_h = raw(batch[:, :-1], logits=False)  # (B, seq, D)
@@ -252,7 +253,8 @@ def backward_loss(stage, model, raw, batch, args, window, scale, sync=True):
     for start in range(0, seq, window):
         piece = batch[:, start:start + window + 1]  # (B, window + 1): inputs and next-token targets
         th = None if teacher_h is None else teacher_h[:, start:start + window]
-        with model.no_sync() if ddp and not (sync and start + window >= seq) else contextlib.nullcontext():
+        last = start + window >= seq
+        with model.no_sync() if ddp and not (sync and last) else contextlib.nullcontext():
             loss = compute_loss(stage, model, raw, piece, args, caches, start, th) * (scale * (piece.shape[1] - 1) / seq)
             loss.backward()
         total = total + loss.detach()
@@ -332,6 +334,7 @@ def load_checkpoint(path, model, fingerprint, ignore=()):
 # One stage
 
 def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
+    # raw: the model; model: raw or, with several processes, its DDP wrapper, which only the training forward goes through
     raw, device, world, rank, log = model, ctx["device"], ctx["world"], ctx["rank"], ctx["log"]
     raw.set_mode("distill" if stage == 1 else "lawcat")
     params = [p for p in raw.parameters() if p.requires_grad]
@@ -358,7 +361,7 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
         if any(ckpt["args"].get(k) != getattr(args, k) for k in ("steps", "tokens")):
             log(f"note: --steps/--tokens differ from the checkpoint's; a resumed stage keeps its {total} steps")
     warmup = args.warmup if args.warmup is not None else max(1, min(100, total // 20))
-    window = min(args.window or args.seq_len, args.seq_len) if stage == 2 else args.seq_len
+    window = args.window or args.seq_len if stage == 2 else args.seq_len
     if world > 1:
         model = data_parallel(raw)
     log(f"stage {stage}: {total} steps x {args.batch_size} x {args.seq_len} tokens = {total * seq_tokens / 1e6:.2f}M tokens, "
@@ -366,11 +369,11 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
         + (f", backpropagated through windows of {window} tokens" if window < args.seq_len else ""))
     fpt, peak = flops_per_token(raw.cfg, stage, args.seq_len, args.loss), peak_flops(device)
 
-    def evaluate():  # the stage's loss on the first --eval-seqs validation windows, shared among ranks
+    def evaluate():  # the stage's loss on the first --eval-seqs validation sequences, shared among ranks
         mine, t = data.val[:args.eval_seqs][rank::world], torch.zeros(2, device=device)
         with torch.no_grad():
             for i in range(0, len(mine), micro):
-                b = torch.from_numpy(np.stack([data.window(j) for j in mine[i:i + micro]])).to(device)
+                b = torch.from_numpy(np.stack([data.sequence(j) for j in mine[i:i + micro]])).to(device)
                 t += torch.stack([compute_loss(stage, raw, raw, b, args).float() * len(b), torch.tensor(len(b), device=device)])
         if world > 1:
             dist.all_reduce(t)
@@ -450,11 +453,12 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
                 return "interrupted"
     except torch.OutOfMemoryError:
         fix = (f"rerun with --micro-batch {micro // 2} (the batch stays {args.batch_size} sequences through gradient "
-               f"accumulation)" if micro > 1 else "shorten --seq-len or use a device with more memory")
+               f"accumulation)" if micro > 1 else f"shorten --seq-len{' or --window' if stage == 2 else ''} or use a "
+               f"device with more memory")
         where = f"continue from {saved[0]} (step {saved[1]}) with --resume" if saved else \
             "no checkpoint of this stage was written yet"
         raise L.UserError(f"stage {stage}: out of memory on {device} at {micro} sequences of {args.seq_len} tokens per "
-                          f"forward; {fix}; {where}") from None
+                          f"forward{f' ({window} per backward)' if window < args.seq_len else ''}; {fix}; {where}") from None
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
@@ -462,9 +466,8 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
 
 
 def data_parallel(raw):
-    """DistributedDataParallel without device_ids: the batch is already on the device, and with device_ids DDP
-    copies its inputs' dicts, those of the state that --window carries between windows too (they would not be
-    updated)."""
+    """DistributedDataParallel without device_ids: the batch is already on the device, and device_ids would make
+    DDP copy its inputs' dicts, so the state that --window carries would not reach the next window."""
     return torch.nn.parallel.DistributedDataParallel(raw)
 
 
@@ -502,6 +505,9 @@ def check_args(args):
         v = getattr(args, k)
         if v is not None and not v >= 0:
             raise L.UserError(f"{name(k)} {v}: must be zero or more")
+    if args.window is not None and (args.stage == "1" or args.window > args.seq_len):
+        raise L.UserError(f"--window {args.window}: stage 2 only, and at most --seq-len {args.seq_len}; pass "
+                          f"--stage 2 or both and a window no longer than the sequences")
     if not 0 <= args.passkey_frac <= 1:
         raise L.UserError(f"--passkey-frac {args.passkey_frac}: must be between 0 and 1")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
@@ -512,6 +518,8 @@ def train(args, model=None, tokenizer=None, on_step=None):
     """Run the stages args asks for. model/tokenizer: a teacher already built (tests); else --init.
     Returns "done" or "interrupted"; raises L.UserError on bad input or a diverged loss."""
     check_args(args)
+    if args.window == args.seq_len:  # one window is the plain backward: the same run, and a resume says so
+        args.window = None
     t_run, world, rank = time.time(), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if world > 1:
@@ -599,7 +607,7 @@ def get_args(argv=None):
     a("--resume", action="store_true", help="continue from the checkpoints in --out")
     a("--seq-len", type=int, default=1024, help="training sequence length")
     a("--window", type=int, help="stage 2: backpropagate through windows of this many tokens of each sequence, the "
-      "state carried from one to the next (truncated backprop: sequences of --seq-len at the memory of a window)")
+      "state carried from one to the next (truncated backprop: the backward's memory is a window's)")
     a("--batch-size", type=int, help="sequences per optimizer step, all processes together (default: 16 per GPU; 1 on CPU)")
     a("--micro-batch", type=int, help="sequences per forward per process (default: min(16, batch per process)); lower it if memory runs out")
     a("--tokens", type=int, help="training tokens per stage (default: 20M on GPU, 32K on CPU)")
