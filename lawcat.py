@@ -849,11 +849,7 @@ def load_model(init, device="cpu", dtype=None, **overrides):
         if len(shards) != 1:
             raise UserError(f"{path}: expected one consolidated.00.pth, found {len(shards)} (model-parallel shards "
                             f"are not supported; use the Hugging Face format of this model)")
-        try:
-            tensors = torch.load(shards[0], map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise UserError(f"{shards[0]}: cannot read (truncated or corrupt: torch.load raised {e.__class__.__name__}); "
-                            f"re-download it") from None
+        tensors = read_checkpoint(shards[0], "re-download it", mmap=True)
         tokenizer = load_tokenizer(path)
     else:
         raise UserError(f"{path}: expected config.json (Hugging Face) or params.json (Meta) in this directory")
@@ -1302,10 +1298,11 @@ def save_student(path, model, teacher_path, **extra):
     atomic_save(ckpt, path)
 
 
-def read_checkpoint(path, fix):
-    """A checkpoint that train.py wrote, read to the CPU; one line if it cannot be: what is wrong, then `fix`."""
+def read_checkpoint(path, fix, mmap=False):
+    """A torch checkpoint (train.py's, or Meta's consolidated.00.pth, memory-mapped) read to the CPU; one line if it
+    cannot be: what is wrong, then `fix`."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise UserError(f"{path}: no such checkpoint; {fix}") from None
     except Exception as e:  # a copy cut short, a full disk, another kind of file

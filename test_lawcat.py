@@ -260,7 +260,7 @@ def test_meta_dir_fixture_loads_and_matches_reference(tmp_path):
     assert rel_err(model(tokens[None])[0], reference_logits(w, cfg, tokens)) < 1e-5
     pth = tmp_path / "meta" / "consolidated.00.pth"
     pth.write_bytes(pth.read_bytes()[:5000])  # a download cut short
-    with pytest.raises(L.UserError, match=r"consolidated\.00\.pth: cannot read \(truncated or corrupt.*re-download it"):
+    with pytest.raises(L.UserError, match=r"consolidated\.00\.pth: not a readable checkpoint \(torch.load raised \w+: cut short.*re-download it"):
         L.load_model(str(tmp_path / "meta"))
 
 
