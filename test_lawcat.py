@@ -1465,6 +1465,16 @@ def make_args(tmp_path, *extra, text=TEXT):
     # train() runs a model it is given where it is (on a GPU machine it would otherwise pick the GPU)
 
 
+def lora_student():
+    """The tiny teacher converted, with LoRA, its new parameters moved off their init: a stage-2 student that
+    differs from its teacher."""
+    model = L.convert_to_lawcat(tiny_teacher(), verbose=False)
+    L.add_lora(model)
+    for p in L.new_parameters(model).values():
+        p.data += torch.randn_like(p) * 0.2
+    return model
+
+
 def fixed_batch(n=2, T_=33, seed=1):
     return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, T_)))
 
@@ -1519,10 +1529,7 @@ def test_stage2_touches_only_lora(tmp_path):
 def test_stage2_loss_in_chunks_equals_whole(tmp_path, monkeypatch, loss):
     """Stage 2 applies the LM head a chunk of tokens at a time (recomputed in the backward): the loss and every
     gradient must not depend on the chunk size (64 tokens here: one chunk, then 7 at a time with a remainder)."""
-    model = L.convert_to_lawcat(tiny_teacher(), verbose=False)
-    L.add_lora(model)
-    for p in L.new_parameters(model).values():
-        p.data += torch.randn_like(p) * 0.2
+    model = lora_student()
     batch, args, runs = fixed_batch(), make_args(tmp_path, "--loss", loss), []
     for chunk in (10 ** 9, 7):
         monkeypatch.setattr(T, "LOSS_CHUNK", chunk)
@@ -1540,10 +1547,7 @@ def test_stage2_windows_carry_the_state_and_truncate_the_gradient(tmp_path, loss
     the gradient is the sum of each window's gradient with the states before it held constant, each recomputed
     here from scratch (every layer's state built anew from the prefix under no_grad); and
     it is not the full gradient, which flows back through the carried state."""
-    model = L.convert_to_lawcat(tiny_teacher(), verbose=False)
-    L.add_lora(model)
-    for p in L.new_parameters(model).values():
-        p.data += torch.randn_like(p) * 0.2
+    model = lora_student()
     model.set_mode("lawcat")
     batch, args, W = fixed_batch(), make_args(tmp_path, "--loss", loss), 10
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1591,10 +1595,7 @@ def test_stage2_windows_under_ddp_carry_the_state(tmp_path, monkeypatch, device)
         monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
     try:
-        model = L.convert_to_lawcat(tiny_teacher(), verbose=False)
-        L.add_lora(model)
-        for p in L.new_parameters(model).values():
-            p.data += torch.randn_like(p) * 0.2
+        model = lora_student()
         model.to(device).set_mode("lawcat")
         args, batch = make_args(tmp_path, "--loss", "mix"), fixed_batch().to(device)
         ddp = T.data_parallel(model)
@@ -1648,10 +1649,7 @@ def test_stage1_loss_is_the_weighted_mean_of_every_layers_mse_on_the_teachers_in
 def test_stage2_losses_kl_and_mix_against_hand_computation(tmp_path):
     """--loss kl is KL(teacher || student) per token (the teacher's distribution weights the log-ratio);
     --loss mix is the mean of it and next-token cross-entropy. Also: stage 2 may change the LoRA rank."""
-    model = L.convert_to_lawcat(tiny_teacher(), verbose=False)
-    L.add_lora(model)
-    for p in L.new_parameters(model).values():
-        p.data += torch.randn_like(p) * 0.2  # a student that differs from its teacher
+    model = lora_student()
     batch = fixed_batch()
     x, y = batch[:, :-1], batch[:, 1:]
     with torch.no_grad():

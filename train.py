@@ -222,17 +222,21 @@ def compute_loss(stage, model, raw, batch, args, caches=None, start=0, teacher_h
         return args.mse_weight * L.distill_loss(raw)
     # (B*T, D): the head runs below, a chunk of tokens at a time
     h = model(x, caches=caches, start_pos=start, logits=False).flatten(0, 1)
-    th = teacher_h
-    if args.loss != "ce" and th is None:
-        with torch.no_grad(), L.as_teacher(raw):
-            th = raw(x, logits=False)
-    th = None if th is None else th.flatten(0, 1)
+    if teacher_h is None and args.loss != "ce":
+        teacher_h = teacher_hidden(raw, x)
+    th = None if teacher_h is None else teacher_h.flatten(0, 1)
     y, total = y.reshape(-1), 0.
     for i in range(0, len(y), LOSS_CHUNK):
         part = (h[i:i + LOSS_CHUNK], y[i:i + LOSS_CHUNK], None if th is None else th[i:i + LOSS_CHUNK])
         total = total + torch.utils.checkpoint.checkpoint(lm_loss_sum, raw, *part, args.loss, use_reentrant=False,
                                                             preserve_rng_state=False)  # the head draws no random numbers
     return total / len(y)
+
+
+def teacher_hidden(raw, x):
+    """(B, T, D): the teacher's final hidden states for x, without a graph: the target of the KL part of the loss."""
+    with torch.no_grad(), L.as_teacher(raw):
+        return raw(x, logits=False)
 
 
 def backward_loss(stage, model, raw, batch, args, window, scale, sync=True):
@@ -246,8 +250,7 @@ def backward_loss(stage, model, raw, batch, args, window, scale, sync=True):
     if window < seq:
         caches = raw.new_caches(len(batch), seq, batch.device, None)  # a student's: empty dicts the forward fills
         if args.loss != "ce":  # the teacher once, over the whole sequence: no KV cache, its causal kernel
-            with torch.no_grad(), L.as_teacher(raw):
-                teacher_h = raw(batch[:, :-1], logits=False)  # (B, seq, D)
+            teacher_h = teacher_hidden(raw, batch[:, :-1])
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     total = 0.
     for start in range(0, seq, window):
