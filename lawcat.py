@@ -83,6 +83,8 @@ class Config:
     gate_norm: float = 16.0            # log_alpha = logsigmoid(gate) / gate_norm
     gate_halflife: int = 0             # 0: gate bias 0 (every channel starts at a 16-token half-life, as in fla's
                                        # GLA); N: biases spread so the initial half-lives run from 16 to N tokens
+    max_halflife: int = 0              # 0: off; N: no channel keeps more than half a key's weight past N tokens
+                                       # (log_alpha <= -ln 2 / N), so the state's mix of old and new stops growing
     denom: bool = True                 # normalize by phi(q) . z ("normalized" linear attention)
     linear_rope: bool = False          # RoPE on q, k inside the linear path (the paper: hurts > 3K)
     feature_map: str = "learned"       # "learned" A_h or "identity" (A_h frozen at identity)
@@ -288,7 +290,10 @@ class Attention(nn.Module):
         fq, fk = p.phi(q), p.phi(k)  # (B, T, H, D) fp32, non-negative
         if cfg.gate:  # per-kv-head, per-key-channel decay from the layer input, log-space for the kernel
             g = F.linear(F.linear(x.float(), p.gate_down.float()), p.gate_up.float(), p.gate_bias.float())
-            g = repeat_kv((F.logsigmoid(g) / cfg.gate_norm).view(B, T, cfg.n_kv_heads, D), G)
+            g = F.logsigmoid(g) / cfg.gate_norm
+            if cfg.max_halflife:
+                g = g.clamp_max(-math.log(2) / cfg.max_halflife)
+            g = repeat_kv(g.view(B, T, cfg.n_kv_heads, D), G)
         else:
             g = torch.zeros_like(fk)
         dt = v.dtype  # features bf16 on GPU (halves the kernel's reads), fp32 on CPU; log-decays fp32 everywhere
@@ -1259,8 +1264,8 @@ def tokenizer_from_gguf(meta):
 # ----------------------------------------------------------------------------------------------
 # 7. Student checkpoints: only what distillation adds, plus the config and the teacher's identity
 
-LAWCAT_FIELDS = ("conv", "conv_size", "gate", "gate_rank", "gate_norm", "gate_halflife", "denom", "linear_rope",
-                 "feature_map", "eps", "lora_rank", "lora_alpha")
+LAWCAT_FIELDS = ("conv", "conv_size", "gate", "gate_rank", "gate_norm", "gate_halflife", "max_halflife", "denom",
+                 "linear_rope", "feature_map", "eps", "lora_rank", "lora_alpha")
 
 
 def teacher_fingerprint(model):

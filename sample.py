@@ -533,6 +533,11 @@ def load(args, device, dtype):
         if not args.decay_scale > 0 or not model.cfg.gate:
             raise L.UserError(f"--decay-scale {args.decay_scale:g}: needs a positive number and a student with gates")
         model.cfg.gate_norm /= args.decay_scale
+    if args.max_halflife is not None:  # replaces the cap it was trained with (0: none)
+        if not args.max_halflife >= 0 or not model.cfg.gate:
+            raise L.UserError(f"--max-halflife {args.max_halflife}: needs a number of tokens (0: no cap) and a student "
+                              "with gates")
+        model.cfg.max_halflife = args.max_halflife
     runners = [("student", model, contextlib.nullcontext)]
     if not args.no_teacher:
         runners.append(("teacher", model, L.as_teacher))
@@ -628,6 +633,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="(default: bf16 on a GPU, fp32 on a CPU)")
     p.add_argument("--decay-scale", type=float, default=1.0,
                    help="multiply the student's log-decays by this at inference (below 1: it forgets more slowly)")
+    p.add_argument("--max-halflife", type=int,
+                   help="cap every decay's half-life at this many tokens at inference (0: none; default: as trained)")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     try:

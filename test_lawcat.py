@@ -586,13 +586,41 @@ def test_decay_scale_multiplies_the_students_log_decays(monkeypatch, tmp_path):
         want, plain = ref(tokens), tiny_student()(tokens)
     monkeypatch.setattr(L, "load_student", lambda *a, **k: (tiny_student(), None, {"teacher": "t", "args": {"init": "smollm2-135m"}}))
     args = argparse.Namespace(random_model=None, ckpt=str(tmp_path / "s.pt"), teacher=False, init=None, no_teacher=True,
-                              decay_scale=0.25)
+                              decay_scale=0.25, max_halflife=None)
     (name, model, _), = S.load(args, torch.device("cpu"), None)[0]
     with torch.no_grad():
         got = model(tokens)
     assert torch.equal(got, want) and rel_err(got, plain) > 1e-3
     args.decay_scale = 0.
     with pytest.raises(L.UserError, match="--decay-scale 0: needs a positive number"):
+        S.load(args, torch.device("cpu"), None)
+
+
+def test_max_halflife_caps_the_log_decays_the_kernel_sees(monkeypatch):
+    """max_halflife N: the kernel gets min(log-decay, -ln 2 / N) per channel and token (no channel keeps more than
+    half a key's weight past N tokens); channels that forget faster are untouched. sample.py --max-halflife sets it."""
+    import kernel
+    seen, run_kernel = [], kernel.lawcat_attention
+    monkeypatch.setattr(kernel, "lawcat_attention",
+                        lambda q, k, v, g, *a, **kw: seen.append(g) or run_kernel(q, k, v, g, *a, **kw))
+    tokens = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(5))
+    model = tiny_student(gate_halflife=4096)  # half-lives from 16 to about 4K tokens before the perturbation
+    with torch.no_grad():
+        model(tokens)
+        free, seen[:] = list(seen), []
+        model.cfg.max_halflife = 64
+        model(tokens)
+    cap = -math.log(2) / 64
+    assert len(free) == len(seen) == 2 and all((g <= cap).all() for g in seen)
+    assert torch.equal(seen[0], free[0].clamp_max(cap))  # the first layer's input is the same with and without the cap
+    assert (free[0] > cap).any() and (free[0] < cap).any()  # it binds on some channels and not on others
+    fake = (tiny_student(), None, {"teacher": "t", "args": {"init": "smollm2-135m"}})
+    monkeypatch.setattr(L, "load_student", lambda *a, **k: fake)
+    args = argparse.Namespace(random_model=None, ckpt="s.pt", teacher=False, init=None, no_teacher=True,
+                              decay_scale=1.0, max_halflife=512)
+    assert S.load(args, torch.device("cpu"), None)[0][0][1].cfg.max_halflife == 512
+    args.max_halflife = -1
+    with pytest.raises(L.UserError, match="--max-halflife -1: needs a number of tokens"):
         S.load(args, torch.device("cpu"), None)
 
 
@@ -1689,6 +1717,16 @@ def test_gate_halflife_flag_reaches_the_checkpoint_and_is_checked(tmp_path):
     torch.save(ckpt, tmp_path / "out/stage1.pt")
     with pytest.raises(L.UserError, match=r"gate_halflife=0 \(now 64\)"):
         run(tmp_path, "--stage", "2", "--gate-halflife", "64")
+
+
+def test_max_halflife_may_start_at_stage_2_and_then_must_stay(tmp_path):
+    assert run(tmp_path, "--stage", "1", "--steps", "1") == "done"
+    assert run(tmp_path, "--stage", "2", "--steps", "1", "--max-halflife", "256") == "done"
+    assert torch.load(tmp_path / "out/stage2.pt", weights_only=True)["config"]["max_halflife"] == 256
+    with pytest.raises(L.UserError, match=r"max_halflife=256 \(now 0\); pass the same flags"):
+        run(tmp_path, "--stage", "2", "--steps", "2", "--resume")
+    with pytest.raises(L.UserError, match="--max-halflife -5: must be zero or more"):
+        run(tmp_path, "--max-halflife", "-5")
 
 
 def test_bad_flags_stop_before_anything_is_written_and_a_new_stage_1_keeps_stage_2_until_it_saves(tmp_path):

@@ -491,8 +491,8 @@ DEFAULTS = dict(cuda=dict(batch_size=16, tokens=20_000_000, log_every=10, eval_e
 
 def lawcat_overrides(args):
     return dict(conv=not args.no_conv, conv_size=args.conv_size, gate=not args.no_gate, gate_halflife=args.gate_halflife,
-                denom=not args.no_denom, linear_rope=args.linear_rope, feature_map=args.feature_map,
-                lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
+                max_halflife=args.max_halflife, denom=not args.no_denom, linear_rope=args.linear_rope,
+                feature_map=args.feature_map, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
 
 
 def check_args(args):
@@ -504,7 +504,7 @@ def check_args(args):
         v = getattr(args, k)
         if v is not None and not v > 0:  # `not >` catches NaN too
             raise L.UserError(f"{name(k)} {v}: must be positive")
-    for k in ("lr1", "lr2", "warmup", "weight_decay", "gate_halflife", "eval_seqs"):  # lr 0 / eval-seqs 0: allowed
+    for k in ("lr1", "lr2", "warmup", "weight_decay", "gate_halflife", "max_halflife", "eval_seqs"):  # 0: allowed
         v = getattr(args, k)
         if v is not None and not v >= 0:
             raise L.UserError(f"{name(k)} {v}: must be zero or more")
@@ -582,7 +582,8 @@ def train(args, model=None, tokenizer=None, on_step=None):
         if 1 not in stages and not resume2:
             if not ck[1].exists():
                 raise L.UserError(f"--stage 2 starts from {ck[1]}, which does not exist; run stage 1 first")
-            ckpt = load_checkpoint(ck[1], model, fingerprint, ignore=("lora_rank", "lora_alpha"))  # stage 1 has no LoRA
+            ckpt = load_checkpoint(ck[1], model, fingerprint, ignore=("lora_rank", "lora_alpha", "max_halflife"))
+            # (stage 1 has no LoRA, and a half-life cap may start at stage 2)
             if not ckpt["done"]:
                 log(f"note: {ck[1]} is a partial stage 1 (step {ckpt['step']}/{ckpt['total']})")
         torch.manual_seed(args.seed + 2)
@@ -637,6 +638,8 @@ def get_args(argv=None):
     g.add_argument("--no-gate", action="store_true", help="no data-dependent decay (plain cumulative sum)")
     g.add_argument("--gate-halflife", type=int, default=L.Config.gate_halflife,
                    help="initial decay half-lives spread from 16 to this many tokens over each head's channels (0: all 16)")
+    g.add_argument("--max-halflife", type=int, default=L.Config.max_halflife,
+                   help="cap every decay's half-life at this many tokens (0: none; stage 2 may add it)")
     g.add_argument("--no-denom", action="store_true", help="no normalizer phi(q).z")
     g.add_argument("--linear-rope", action="store_true", help="apply RoPE to q, k in the linear path")
     g.add_argument("--feature-map", choices=["learned", "identity"], default=L.Config.feature_map, help="learned A_h or frozen identity")
