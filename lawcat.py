@@ -213,6 +213,13 @@ class LawcatParams(nn.Module):
             self.gate_up = nn.Parameter(torch.randn(cfg.n_kv_heads * D, cfg.gate_rank) * 0.006)
             self.gate_bias = nn.Parameter(gate_bias_init(cfg).repeat(cfg.n_kv_heads))
 
+    def log_decay(self, x, cfg):  # x (B, T, dim) -> (B, T, H_kv, D) fp32, <= 0: per key channel and token
+        g = F.logsigmoid(F.linear(F.linear(x.float(), self.gate_down.float()), self.gate_up.float(),
+                                  self.gate_bias.float())) / cfg.gate_norm
+        if cfg.max_halflife:
+            g = g.clamp_max(-math.log(2) / cfg.max_halflife)
+        return g.view(*x.shape[:2], cfg.n_kv_heads, cfg.head_dim)
+
     def phi(self, x):  # x (B, T, H, D) -> (B, T, H, D): [softmax(x A), softmax(-x A)], non-negative
         xa = torch.einsum("bthd,hdf->bthf", x.float(), self.feat.float())
         return torch.cat([xa.softmax(-1), (-xa).softmax(-1)], dim=-1)
@@ -289,11 +296,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         fq, fk = p.phi(q), p.phi(k)  # (B, T, H, D) fp32, non-negative
         if cfg.gate:  # per-kv-head, per-key-channel decay from the layer input, log-space for the kernel
-            g = F.linear(F.linear(x.float(), p.gate_down.float()), p.gate_up.float(), p.gate_bias.float())
-            g = F.logsigmoid(g) / cfg.gate_norm
-            if cfg.max_halflife:
-                g = g.clamp_max(-math.log(2) / cfg.max_halflife)
-            g = repeat_kv(g.view(B, T, cfg.n_kv_heads, D), G)
+            g = repeat_kv(p.log_decay(x, cfg), G)
         else:
             g = torch.zeros_like(fk)
         dt = v.dtype  # features bf16 on GPU (halves the kernel's reads), fp32 on CPU; log-decays fp32 everywhere

@@ -9,6 +9,7 @@ long-context retrieval (passkey, S-NIAH-1/2/3, BABILong QA2/QA3) and prefill/dec
     python sample.py --babilong                            # BABILong-style QA2/QA3, the same
     python sample.py --ppl [--lengths 1K,4K]               # held-out perplexity, student and teacher
     python sample.py --bench [--random-model llama3.2-1b]  # speed/memory; random weights of a preset shape
+    python sample.py --halflives [--lengths 4K]            # how far back the student's decays reach
 
 Evaluation prompts are raw text (no chat template), the form in which the small teacher retrieves best.
 The model continues "... The pass key is" greedily and stops at a newline, a stop token, or once its
@@ -584,6 +585,39 @@ def run_eval(args, task, runners, tok, paths, lengths, depths, device):
     print(f"\nwrote {out}" + (f" and {png}" if png else "" if task == "ppl" else " (no heatmap: matplotlib is not installed)"))
 
 
+def run_halflives(args, runners, tok, paths, length, device):
+    """--halflives: how far back each of the student's decays reaches on a passkey prompt of `length` tokens. A key
+    channel's half-life is ln 2 / -(its log-decay) tokens (a stored key's weight halves in that many), its median
+    over the prompt's tokens taken; per layer, the median channel and the share of channels past 1K to 64K tokens.
+    A channel far past the training length forgets nothing within it, so the share of the far past in its state
+    keeps growing at lengths that training never showed (README: "Why the 4K student fails at 16K")."""
+    name, model, _ = runners[0]
+    if name != "student" or not model.cfg.gate:
+        raise L.UserError("--halflives reads a student's gates: pass --ckpt with a student that has them")
+    ids = torch.tensor([build_passkey(tok, length, 0.5, 12345)], device=device)
+    decays = []  # per layer (T, H_kv, D), from the attention input the layer sees
+    hooks = [b.attention.register_forward_pre_hook(lambda m, a: decays.append(m.lawcat.log_decay(a[0], m.cfg)[0]))
+             for b in model.layers]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    edges = (1024, 4096, 16384, 65536)
+    rows = []
+    for i, g in enumerate(decays):
+        half = (math.log(2) / -g.double()).median(0).values.flatten().cpu()  # (H_kv * D,); -0.0 -> inf
+        rows.append(dict(layer=i, median=half.median().item(), **{f"over_{e}": (half > e).double().mean().item()
+                                                                  for e in edges}))
+    print(f"half-lives of {paths['student']} on a {ids.shape[1]}-token passkey prompt: median over tokens per channel")
+    print("| layer | median channel | " + " | ".join(f"> {e // 1024}K" for e in edges) + " |")
+    for r in rows + [dict(layer="all", median=float(torch.tensor([r["median"] for r in rows]).median()),
+                          **{f"over_{e}": sum(r[f"over_{e}"] for r in rows) / len(rows) for e in edges})]:
+        print(f"| {r['layer']} | {r['median']:,.0f} | " + " | ".join(f"{r[f'over_{e}']:.0%}" for e in edges) + " |")
+    out = results_path(args, "halflives", paths)
+    out.write_text(json.dumps(dict(task="halflives", model=paths, tokens=ids.shape[1], layers=rows), indent=1))
+    print(f"wrote {out}")
+
+
 def run_generate(args, runners, tok, paths):
     name, model, _ = runners[0]
     try:
@@ -617,7 +651,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="sampling seed")
     mode = p.add_mutually_exclusive_group()
     for m, what in (("passkey", "passkey retrieval"), ("niah", "S-NIAH-1/2/3"), ("babilong", "BABILong-style QA2/QA3"),
-                    ("ppl", "held-out perplexity"), ("bench", "prefill/decode speed and memory against context length")):
+                    ("ppl", "held-out perplexity"), ("bench", "prefill/decode speed and memory against context length"),
+                    ("halflives", "the student's decay half-lives on a passkey prompt (--lengths: its first; 4K)")):
         mode.add_argument(f"--{m}", action="store_true", help=what)
     p.add_argument("--lengths", help="e.g. 1K,2K,4096 (default: passkey/niah 1K..32K, babilong 0..16K, ppl 1K,4K, "
                                      "bench 1K..64K (on CPU 256..2K))")
@@ -658,11 +693,14 @@ def main(argv=None):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[args.dtype]
         task = next((t for t in SUBTASKS if getattr(args, t)), None)
         default = ("256,512,1K,2K" if device.type == "cpu" else "1K,2K,4K,8K,16K,32K,64K") if args.bench else \
-            "0,1K,2K,4K,8K,16K" if task == "babilong" else "1K,4K" if task == "ppl" else "1K,2K,4K,8K,16K,32K"
+            "0,1K,2K,4K,8K,16K" if task == "babilong" else "1K,4K" if task == "ppl" else \
+            "4K" if args.halflives else "1K,2K,4K,8K,16K,32K"
         lengths, depths = parse_lengths(args.lengths or default), parse_depths(args.depths)
         runners, tok, paths = load(args, device, dtype)
         if args.bench:
             run_bench(args, runners, paths, lengths, device)
+        elif args.halflives:
+            run_halflives(args, runners, tok, paths, lengths[0], device)
         elif task:
             run_eval(args, task, runners, tok, paths, lengths, depths, device)
         else:

@@ -624,6 +624,26 @@ def test_max_halflife_caps_the_log_decays_the_kernel_sees(monkeypatch):
         S.load(args, torch.device("cpu"), None)
 
 
+def test_halflives_reports_each_layers_decays_and_sees_the_cap(tmp_path, capsys):
+    """sample.py --halflives on a student whose gates are their biases (to within the 0.006-scale gate weights):
+    half-lives 16 * 256^(i/15) tokens for channel i of each head, so 4 of 16 channels are past 1K (1351 to 4096; the
+    next is 929), none past 16K, and the median channel (torch: the lower middle) is channel 7's 213 tokens.
+    A cap of 512 tokens leaves no channel past 1K and the median where it was."""
+    model = tiny_teacher(gate_halflife=4096)
+    L.convert_to_lawcat(model, verbose=False)
+    runners = [("student", model.eval(), None)]
+    args = argparse.Namespace(json=str(tmp_path / "h.json"), random_model=None)
+    for cap, over_1k in ((0, 0.25), (512, 0.0)):
+        model.cfg.max_halflife = cap
+        S.run_halflives(args, runners, ByteTokenizer(), {"student": "s.pt"}, 256, torch.device("cpu"))
+        layers = json.loads((tmp_path / "h.json").read_text())["layers"]
+        assert len(layers) == 2
+        for r in layers:
+            assert r["over_1024"] == over_1k and r["over_16384"] == 0, r
+            assert abs(r["median"] / (16 * 256 ** (7 / 15)) - 1) < 0.05, r
+    assert "| all | 213 | 0% | 0% | 0% | 0% |" in capsys.readouterr().out
+
+
 def test_merged_lora_inference_matches_and_leaves_the_teacher_exact():
     model = tiny_student()
     tokens = torch.randint(0, 97, (1, 33), generator=torch.Generator().manual_seed(3))
