@@ -84,7 +84,7 @@ class Config:
     gate_halflife: int = 0             # 0: gate bias 0 (every channel starts at a 16-token half-life, as in fla's
                                        # GLA); N: biases spread so the initial half-lives run from 16 to N tokens
     max_halflife: int = 0              # 0: off; N: no channel keeps more than half a key's weight past N tokens
-                                       # (log_alpha <= -ln 2 / N), so the state's mix of old and new stops growing
+                                       # (log_alpha <= -ln 2 / N; a clamped decay passes no gradient to its gate)
     denom: bool = True                 # normalize by phi(q) . z ("normalized" linear attention)
     linear_rope: bool = False          # RoPE on q, k inside the linear path (the paper: hurts > 3K)
     feature_map: str = "learned"       # "learned" A_h or "identity" (A_h frozen at identity)

@@ -405,7 +405,8 @@ def test_gate_halflife_spreads_the_initial_decays():
 
 
 SWITCHES = [dict(conv=c, gate=g, denom=d, linear_rope=r) for c in (True, False) for g in (True, False)
-            for d in (True, False) for r in (False, True)] + [dict(feature_map="identity"), dict(conv_size=2)]
+            for d in (True, False) for r in (False, True)] + [dict(feature_map="identity"), dict(conv_size=2),
+                                                              dict(max_halflife=8)]
 
 
 @pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
@@ -620,29 +621,40 @@ def test_max_halflife_caps_the_log_decays_the_kernel_sees(monkeypatch):
     args = argparse.Namespace(random_model=None, ckpt="s.pt", teacher=False, init=None, no_teacher=True,
                               decay_scale=1.0, max_halflife=512)
     assert S.load(args, torch.device("cpu"), None)[0][0][1].cfg.max_halflife == 512
+    args.max_halflife = None  # the cap the student was trained with stays
+    assert S.load(args, torch.device("cpu"), None)[0][0][1].cfg.max_halflife == 512
     args.max_halflife = -1
     with pytest.raises(L.UserError, match="--max-halflife -1: needs a number of tokens"):
+        S.load(args, torch.device("cpu"), None)
+    fake[0].cfg.gate, args.max_halflife = False, 64
+    with pytest.raises(L.UserError, match="and a student with gates"):
         S.load(args, torch.device("cpu"), None)
 
 
 def test_halflives_reports_each_layers_decays_and_sees_the_cap(tmp_path, capsys):
     """sample.py --halflives on a student whose gates are their biases (to within the 0.006-scale gate weights):
     half-lives 16 * 256^(i/15) tokens for channel i of each head, so 4 of 16 channels are past 1K (1351 to 4096; the
-    next is 929), none past 16K, and the median channel (torch: the lower middle) is channel 7's 213 tokens.
-    A cap of 512 tokens leaves no channel past 1K and the median where it was."""
+    next is 934), none past 16K, and the median channel (torch: the lower middle) is channel 7's 213 tokens. One
+    channel of layer 1 given a bias of 200 rounds to a log-decay of exactly 0: an infinite half-life, past 64K (and
+    layer 1's median moves up one channel, to 307). A cap of 100 tokens puts every longer channel at 100."""
     model = tiny_teacher(gate_halflife=4096)
     L.convert_to_lawcat(model, verbose=False)
+    with torch.no_grad():
+        model.layers[1].attention.lawcat.gate_bias[0] = 200.0
     runners = [("student", model.eval(), None)]
-    args = argparse.Namespace(json=str(tmp_path / "h.json"), random_model=None)
-    for cap, over_1k in ((0, 0.25), (512, 0.0)):
-        model.cfg.max_halflife = cap
-        S.run_halflives(args, runners, ByteTokenizer(), {"student": "s.pt"}, 256, torch.device("cpu"))
-        layers = json.loads((tmp_path / "h.json").read_text())["layers"]
-        assert len(layers) == 2
-        for r in layers:
-            assert r["over_1024"] == over_1k and r["over_16384"] == 0, r
-            assert abs(r["median"] / (16 * 256 ** (7 / 15)) - 1) < 0.05, r
-    assert "| all | 213 | 0% | 0% | 0% | 0% |" in capsys.readouterr().out
+    args = argparse.Namespace(json=str(tmp_path / "h.json"), random_model=None, argv=[])
+    S.run_halflives(args, runners, ByteTokenizer(), {"student": "s.pt"}, 256, torch.device("cpu"))
+    first, second, every = json.loads((tmp_path / "h.json").read_text())["layers"]
+    channel = lambda i: 16 * 256 ** (i / 15)  # noqa: E731
+    assert first["over_1024"] == 0.25 and first["over_16384"] == first["over_65536"] == 0, first
+    assert second["over_1024"] == 9 / 32 and second["over_65536"] == 1 / 32, second
+    assert abs(first["median"] / channel(7) - 1) < 0.05 and abs(second["median"] / channel(8) - 1) < 0.05
+    assert every["layer"] == "all" and every["over_65536"] == 1 / 64 and every["over_1024"] == 17 / 64, every
+    model.cfg.max_halflife = 100
+    S.run_halflives(args, runners, ByteTokenizer(), {"student": "s.pt"}, 256, torch.device("cpu"))
+    for r in json.loads((tmp_path / "h.json").read_text())["layers"]:
+        assert abs(r["median"] - 100) < 1e-3 and r["over_1024"] == 0, r
+    assert "| all | 100 | 0% | 0% | 0% | 0% |" in capsys.readouterr().out
 
 
 def test_merged_lora_inference_matches_and_leaves_the_teacher_exact():
@@ -1748,6 +1760,8 @@ def test_max_halflife_may_start_at_stage_2_and_then_must_stay(tmp_path):
         run(tmp_path, "--stage", "2", "--steps", "2", "--resume")
     with pytest.raises(L.UserError, match="--max-halflife -5: must be zero or more"):
         run(tmp_path, "--max-halflife", "-5")
+    with pytest.raises(L.UserError, match="--max-halflife 64: caps the gates' decays, and --no-gate has none"):
+        run(tmp_path, "--max-halflife", "64", "--no-gate")
 
 
 def test_bad_flags_stop_before_anything_is_written_and_a_new_stage_1_keeps_stage_2_until_it_saves(tmp_path):

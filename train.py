@@ -511,6 +511,9 @@ def check_args(args):
     if args.window is not None and (args.stage == "1" or args.window > args.seq_len):
         raise L.UserError(f"--window {args.window}: stage 2 only, and at most --seq-len {args.seq_len}; pass "
                           f"--stage 2 or both and a window no longer than the sequences")
+    if args.max_halflife and args.no_gate:
+        raise L.UserError(f"--max-halflife {args.max_halflife}: caps the gates' decays, and --no-gate has none; "
+                          "drop one of them")
     if not 0 <= args.passkey_frac <= 1:
         raise L.UserError(f"--passkey-frac {args.passkey_frac}: must be between 0 and 1")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
@@ -584,6 +587,9 @@ def train(args, model=None, tokenizer=None, on_step=None):
                 raise L.UserError(f"--stage 2 starts from {ck[1]}, which does not exist; run stage 1 first")
             ckpt = load_checkpoint(ck[1], model, fingerprint, ignore=("lora_rank", "lora_alpha", "max_halflife"))
             # (stage 1 has no LoRA, and a half-life cap may start at stage 2)
+            if ckpt["config"].get("max_halflife", 0) != args.max_halflife:
+                log(f"note: {ck[1]} was trained with max_halflife {ckpt['config'].get('max_halflife', 0)}; "
+                    f"stage 2 uses {args.max_halflife}")
             if not ckpt["done"]:
                 log(f"note: {ck[1]} is a partial stage 1 (step {ckpt['step']}/{ckpt['total']})")
         torch.manual_seed(args.seed + 2)
