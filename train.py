@@ -587,9 +587,8 @@ def train(args, model=None, tokenizer=None, on_step=None):
                 raise L.UserError(f"--stage 2 starts from {ck[1]}, which does not exist; run stage 1 first")
             ckpt = load_checkpoint(ck[1], model, fingerprint, ignore=("lora_rank", "lora_alpha", "max_halflife"))
             # (stage 1 has no LoRA, and a half-life cap may start at stage 2)
-            if ckpt["config"].get("max_halflife", 0) != args.max_halflife:
-                log(f"note: {ck[1]} was trained with max_halflife {ckpt['config'].get('max_halflife', 0)}; "
-                    f"stage 2 uses {args.max_halflife}")
+            if (cap1 := ckpt["config"].get("max_halflife", 0)) != args.max_halflife:
+                log(f"note: {ck[1]} was trained with max_halflife {cap1}; stage 2 uses {args.max_halflife}")
             if not ckpt["done"]:
                 log(f"note: {ck[1]} is a partial stage 1 (step {ckpt['step']}/{ckpt['total']})")
         torch.manual_seed(args.seed + 2)
