@@ -1764,6 +1764,21 @@ def test_max_halflife_may_start_at_stage_2_and_then_must_stay(tmp_path):
         run(tmp_path, "--max-halflife", "64", "--no-gate")
 
 
+def test_sequences_past_the_teachers_context_are_noted_unless_nothing_uses_its_targets(tmp_path, capsys):
+    note = "past the teacher's trained context (256 tokens)"  # tiny_teacher's max_seq_len
+    assert run(tmp_path, "--stage", "1", "--steps", "1", "--seq-len", "256") == "done"
+    assert note not in capsys.readouterr().out
+    assert run(tmp_path, "--stage", "1", "--steps", "1", "--seq-len", "300") == "done"
+    out = capsys.readouterr().out
+    assert note + ", where stage 1's (its attention) targets are the teacher extrapolating\n" in out
+    assert run(tmp_path, "--stage", "2", "--steps", "1", "--seq-len", "300", "--loss", "ce") == "done"
+    assert note not in capsys.readouterr().out  # stage 2 on CE reads no teacher output
+    assert run(tmp_path, "--stage", "2", "--steps", "1", "--seq-len", "300", "--loss", "mix") == "done"
+    out = capsys.readouterr().out
+    assert note + (", where stage 2's (--loss mix: its logits) targets are the teacher extrapolating; --loss ce "
+                   "trains stage 2 on the text alone") in out
+
+
 def test_bad_flags_stop_before_anything_is_written_and_a_new_stage_1_keeps_stage_2_until_it_saves(tmp_path):
     assert run(tmp_path) == "done"
     out = tmp_path / "out"

@@ -561,6 +561,14 @@ def train(args, model=None, tokenizer=None, on_step=None):
     data = Data(tokens, args.seq_len, tokenizer, args.seed, args.passkey_frac)
     log(f"data: {len(tokens):,} tokens, {len(data.train):,} training and {len(data.val)} validation sequences of "
         f"{args.seq_len}, passkey fraction {args.passkey_frac}")
+    # past its trained context the teacher's attention and logits are extrapolation, not what it learned
+    kl = args.stage != "1" and args.loss != "ce"
+    past = [x for x, on in (("stage 1's (its attention)", args.stage != "2"), (f"stage 2's (--loss {args.loss}: its "
+                                                                               f"logits)", kl)) if on]
+    if args.seq_len > model.cfg.max_seq_len and past:
+        log(f"note: --seq-len {args.seq_len} is past the teacher's trained context ({model.cfg.max_seq_len} tokens), "
+            f"where {' and '.join(past)} targets are the teacher extrapolating"
+            + ("; --loss ce trains stage 2 on the text alone" if kl else ""))
 
     fingerprint = L.teacher_fingerprint(model)
     torch.manual_seed(args.seed)
