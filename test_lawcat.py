@@ -1764,19 +1764,24 @@ def test_max_halflife_may_start_at_stage_2_and_then_must_stay(tmp_path):
         run(tmp_path, "--max-halflife", "64", "--no-gate")
 
 
-def test_sequences_past_the_teachers_context_are_noted_unless_nothing_uses_its_targets(tmp_path, capsys):
-    note = "past the teacher's trained context (256 tokens)"  # tiny_teacher's max_seq_len
-    assert run(tmp_path, "--stage", "1", "--steps", "1", "--seq-len", "256") == "done"
-    assert note not in capsys.readouterr().out
-    assert run(tmp_path, "--stage", "1", "--steps", "1", "--seq-len", "300") == "done"
+def test_a_stage_that_reads_the_teacher_past_its_context_says_so(tmp_path, capsys):
+    n = tiny_teacher().cfg.max_seq_len
+    note = f"note: --seq-len {n + 44} is past the teacher's trained context ({n} tokens): "
+    s1 = note + f"stage 1's targets there, its attention, are extrapolation; run stage 1 at --seq-len {n} or less"
+    s2 = note + "stage 2's KL targets there, its logits, are extrapolation; --loss ce trains on the text alone"
+    assert run(tmp_path, "--stage", "both", "--steps", "1", "--seq-len", str(n), "--loss", "kl") == "done"
+    assert "trained context" not in capsys.readouterr().out  # at the context: nothing to say
+    assert run(tmp_path, "--stage", "both", "--steps", "1", "--seq-len", str(n + 44), "--loss", "kl") == "done"
     out = capsys.readouterr().out
-    assert note + ", where stage 1's (its attention) targets are the teacher extrapolating\n" in out
-    assert run(tmp_path, "--stage", "2", "--steps", "1", "--seq-len", "300", "--loss", "ce") == "done"
-    assert note not in capsys.readouterr().out  # stage 2 on CE reads no teacher output
-    assert run(tmp_path, "--stage", "2", "--steps", "1", "--seq-len", "300", "--loss", "mix") == "done"
+    assert s1 in out and s2 in out
+    assert run(tmp_path, "--stage", "both", "--steps", "1", "--seq-len", str(n + 44), "--resume") == "done"
+    assert "trained context" not in capsys.readouterr().out  # both stages done: neither runs
+    assert run(tmp_path, "--stage", "both", "--steps", "1", "--seq-len", str(n + 44), "--loss", "ce") == "done"
     out = capsys.readouterr().out
-    assert note + (", where stage 2's (--loss mix: its logits) targets are the teacher extrapolating; --loss ce "
-                   "trains stage 2 on the text alone") in out
+    assert s1 in out and "stage 2's" not in out  # stage 2 on CE reads no teacher output
+    assert run(tmp_path, "--stage", "2", "--steps", "1", "--seq-len", str(n + 44), "--loss", "mix") == "done"
+    out = capsys.readouterr().out
+    assert s2 in out and s1 not in out
 
 
 def test_bad_flags_stop_before_anything_is_written_and_a_new_stage_1_keeps_stage_2_until_it_saves(tmp_path):

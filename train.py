@@ -370,6 +370,12 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
     log(f"stage {stage}: {total} steps x {args.batch_size} x {args.seq_len} tokens = {total * seq_tokens / 1e6:.2f}M tokens, "
         f"{sum(p.numel() for p in params):,} trainable parameters, lr {lr:g}, {world} process(es) x {accum} x {micro} sequences"
         + (f", backpropagated through windows of {window} tokens" if window < args.seq_len else ""))
+    n_ctx = raw.cfg.max_seq_len  # past its trained context the teacher extrapolates: a stage reading it there says so
+    if args.seq_len > n_ctx and (stage == 1 or args.loss != "ce"):
+        log(f"note: --seq-len {args.seq_len} is past the teacher's trained context ({n_ctx} tokens): "
+            + (f"stage 1's targets there, its attention, are extrapolation; run stage 1 at --seq-len {n_ctx} or less, "
+               f"then --stage 2" if stage == 1 else
+               "stage 2's KL targets there, its logits, are extrapolation; --loss ce trains on the text alone"))
     fpt, peak = flops_per_token(raw.cfg, stage, args.seq_len, args.loss), peak_flops(device)
 
     def evaluate():  # the stage's loss on the first --eval-seqs validation sequences, shared among ranks
@@ -561,14 +567,6 @@ def train(args, model=None, tokenizer=None, on_step=None):
     data = Data(tokens, args.seq_len, tokenizer, args.seed, args.passkey_frac)
     log(f"data: {len(tokens):,} tokens, {len(data.train):,} training and {len(data.val)} validation sequences of "
         f"{args.seq_len}, passkey fraction {args.passkey_frac}")
-    # past its trained context the teacher's attention and logits are extrapolation, not what it learned
-    kl = args.stage != "1" and args.loss != "ce"
-    past = [x for x, on in (("stage 1's (its attention)", args.stage != "2"), (f"stage 2's (--loss {args.loss}: its "
-                                                                               f"logits)", kl)) if on]
-    if args.seq_len > model.cfg.max_seq_len and past:
-        log(f"note: --seq-len {args.seq_len} is past the teacher's trained context ({model.cfg.max_seq_len} tokens), "
-            f"where {' and '.join(past)} targets are the teacher extrapolating"
-            + ("; --loss ce trains stage 2 on the text alone" if kl else ""))
 
     fingerprint = L.teacher_fingerprint(model)
     torch.manual_seed(args.seed)
