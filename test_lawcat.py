@@ -1797,7 +1797,8 @@ def test_bad_flags_stop_before_anything_is_written_and_a_new_stage_1_keeps_stage
                        (("--lora-rank", "0"), "--lora-rank 0: must be positive"),
                        (("--lr1", "-1"), "--lr1 -1.0: must be zero or more"),
                        (("--lr2", "nan"), "--lr2 nan: must be zero or more"),
-                       (("--passkey-frac", "1.5"), "--passkey-frac 1.5: must be between 0 and 1")):
+                       (("--passkey-frac", "1.5"), "--passkey-frac 1.5: must be between 0 and 1"),
+                       (("--passkey-min-len", "100000"), "--passkey-min-len 100000: must be between 0")):
         with pytest.raises(L.UserError, match=re.escape(msg)):
             run(tmp_path, *flags)
     with pytest.raises(L.UserError, match="is a file, not a directory"):
@@ -1950,6 +1951,26 @@ def test_passkey_data_mix():
     assert not fits(n, 99999999)
     with pytest.raises(L.UserError, match=f"--seq-len {n - 1}"):  # the longest key decides, whatever the seed draws
         T.Data(tokens, n - 1, ByteTokenizer(), seed=1, passkey_frac=0.1)  # (seed 1's first key has 6 digits)
+
+
+def test_packed_passkey_sequences():
+    """--passkey-min-len: a passkey sequence is whole prompts one after another, each answered with its own key,
+    none shorter than the minimum, of varied lengths; still a function of (seed, s)."""
+    tokens = np.frombuffer(TEXT.encode(), dtype=np.uint8).astype(np.int64)
+    data = T.Data(tokens, 3000, ByteTokenizer(), seed=5, passkey_frac=1.0, passkey_min_len=400)
+    lengths = []
+    for s in range(30):
+        x = data.sample(s)
+        assert len(x) == 3001 and np.array_equal(x, data.sample(s))
+        pieces = ByteTokenizer().decode(x).split(L.PASSKEY_INSTR)
+        assert pieces[0] == "" and all(len(L.PASSKEY_INSTR + p) >= 400 for p in pieces[1:])
+        for p in pieces[1:]:
+            key = re.search(r"The pass key is (\d+)\. Remember it", p)[1]
+            assert re.search(rf"{L.PASSKEY_ANSWER} (\d+)\.", p)[1] == key  # each prompt answered with its own key
+        lengths += [len(L.PASSKEY_INSTR + p) for p in pieces[1:]]
+    assert len(lengths) >= 60 and min(lengths) < 800 and max(lengths) > 1500  # several per sequence, short and long
+    with pytest.raises(L.UserError, match="--passkey-min-len 40"):  # the shortest piece must hold the longest key
+        T.Data(tokens, 3000, ByteTokenizer(), passkey_frac=0.1, passkey_min_len=40)
 
 
 def error(capsys, argv):

@@ -152,7 +152,7 @@ class Data:
     """Non-overlapping (seq_len + 1)-token sequences; every 50th is validation. Training sample s (counted
     over the whole run, all ranks) is a deterministic function of (seed, s): resume needs no loader state."""
 
-    def __init__(self, tokens, seq_len, tok, seed=0, passkey_frac=0.0, val_every=50):
+    def __init__(self, tokens, seq_len, tok, seed=0, passkey_frac=0.0, passkey_min_len=0, val_every=50):
         n = (len(tokens) - 1) // seq_len
         if n < 1:
             raise L.UserError(f"the data has {len(tokens):,} tokens, fewer than one training sequence "
@@ -160,12 +160,14 @@ class Data:
         idx = np.arange(n)
         self.val = idx[idx % val_every == val_every - 1] if n >= val_every else idx[n - 1:] if n > 1 else idx[:0]
         self.train = np.setdiff1d(idx, self.val)
-        self.tokens, self.seq_len, self.tok, self.seed, self.passkey_frac = tokens, seq_len, tok, seed, passkey_frac
+        self.tokens, self.seq_len, self.tok, self.seed = tokens, seq_len, tok, seed
+        self.passkey_frac, self.passkey_min_len = passkey_frac, passkey_min_len
         self._perm = (None, None)
         # a sequence too short for the longest passkey prompt fails here, not at a random later step (the longest:
         # 99999999 is as many tokens as any key in tokenizers that split numbers into digits or groups of 3, as Llama 3's)
         if passkey_frac:
-            passkey_sequence(tok, seq_len + 1, np.random.default_rng(seed), key=10 ** PASSKEY_DIGITS[1] - 1)
+            passkey_sequence(tok, passkey_min_len or seq_len + 1, np.random.default_rng(seed), key=10 ** PASSKEY_DIGITS[1] - 1,
+                             limit=passkey_min_len and f"--passkey-min-len {passkey_min_len}")
 
     def sequence(self, i):
         return np.asarray(self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1], dtype=np.int64)
@@ -173,7 +175,12 @@ class Data:
     def sample(self, s):
         rng = np.random.default_rng([self.seed, s])
         if self.passkey_frac and rng.random() < self.passkey_frac:
-            return np.array(passkey_sequence(self.tok, self.seq_len + 1, rng), dtype=np.int64)
+            ids, n, m = [], self.seq_len + 1, self.passkey_min_len
+            while len(ids) < n:  # --passkey-min-len: prompts of log-uniform lengths from m up, one after another
+                room = n - len(ids)
+                size = min(room, max(m, int(np.exp(rng.uniform(np.log(m), np.log(n)))))) if m else room
+                ids += passkey_sequence(self.tok, room if room - size < m else size, rng)  # no piece shorter than m
+            return np.array(ids, dtype=np.int64)
         epoch, pos = divmod(s, len(self.train))
         if self._perm[0] != epoch:  # a fresh shuffle of the training sequences every epoch
             self._perm = (epoch, np.random.default_rng([self.seed, 1 << 32, epoch]).permutation(self.train))
@@ -184,7 +191,7 @@ class Data:
         return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
 
 
-def passkey_sequence(tok, n, rng, key=None):
+def passkey_sequence(tok, n, rng, key=None, limit=None):
     """n tokens: the passkey prompt that sample.py evaluates with (L.passkey_prompt), the needle at a random
     depth, then the answer and filler to the end: the synthetic retrieval data of the official passkey data mix.
     One template for training and evaluation, so that results past the 1K training length measure length: with
@@ -200,8 +207,9 @@ def passkey_sequence(tok, n, rng, key=None):
     render = lambda k: L.passkey_prompt(k, slot(k), key) + f" {key}."  # noqa: E731
     ids, k = L.fit_prompt(tok, render, n)
     if len(ids) > n:
-        raise L.UserError(f"a passkey sequence needs at least {len(ids)} tokens, more than --seq-len {n - 1} + 1; "
-                          "raise --seq-len or pass --passkey-frac 0")
+        limit = limit or f"--seq-len {n - 1} + 1"
+        raise L.UserError(f"a passkey sequence needs at least {len(ids)} tokens, more than {limit}; "
+                          f"raise {limit.split()[0]} or pass --passkey-frac 0")
     pad = len(tok.encode("\n" + L.PASSKEY_FILLER, bos=False))
     # filler to the end, in one string with the rest so the joins tokenize as in any text (".\n" is one token in some)
     return tok.encode(render(k) + ("\n" + L.PASSKEY_FILLER) * ((n - len(ids)) // pad + 2))[:n]
@@ -357,7 +365,8 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
         opt.load_state_dict(ckpt["optimizer"])
         start, total = ckpt["step"], ckpt["total"]
         torch.set_rng_state(ckpt["rng"])
-        changed = [k for k in ("seq_len", "batch_size", "seed", "passkey_frac", "data", "loss", f"lr{stage}", "warmup")
+        changed = [k for k in ("seq_len", "batch_size", "seed", "passkey_frac", "passkey_min_len", "data", "loss",
+                               f"lr{stage}", "warmup")
                    + (("window",) if stage == 2 else ()) if ckpt["args"].get(k) != getattr(args, k)]
         log(f"stage {stage}: resuming at step {start}/{total} from {path}"
             + (f" (note: {', '.join(changed)} changed since: not bit-for-bit)" if changed else ""))
@@ -522,6 +531,9 @@ def check_args(args):
                           "drop one of them")
     if not 0 <= args.passkey_frac <= 1:
         raise L.UserError(f"--passkey-frac {args.passkey_frac}: must be between 0 and 1")
+    if not 0 <= args.passkey_min_len <= args.seq_len:
+        raise L.UserError(f"--passkey-min-len {args.passkey_min_len}: must be between 0 (one prompt per passkey "
+                          f"sequence) and --seq-len {args.seq_len}")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise L.UserError(f"--out {args.out}: is a file, not a directory; pass a directory for the checkpoints")
 
@@ -564,9 +576,10 @@ def train(args, model=None, tokenizer=None, on_step=None):
     tokens = load_tokens(sources, tokenizer, args.cache_dir, log)
     if world > 1 and rank == 0:
         dist.barrier()
-    data = Data(tokens, args.seq_len, tokenizer, args.seed, args.passkey_frac)
+    data = Data(tokens, args.seq_len, tokenizer, args.seed, args.passkey_frac, args.passkey_min_len)
     log(f"data: {len(tokens):,} tokens, {len(data.train):,} training and {len(data.val)} validation sequences of "
-        f"{args.seq_len}, passkey fraction {args.passkey_frac}")
+        f"{args.seq_len}, passkey fraction {args.passkey_frac}"
+        + (f", prompts of {args.passkey_min_len} tokens and up packed in each" if args.passkey_min_len else ""))
 
     fingerprint = L.teacher_fingerprint(model)
     torch.manual_seed(args.seed)
@@ -637,6 +650,9 @@ def get_args(argv=None):
       help="stage 2 loss: next-token CE (the paper's), KL(teacher||student), or their mean (measured best here, README)")
     a("--passkey-frac", type=float, default=0.5,
       help="fraction of training sequences replaced by synthetic passkey ones (the official recipe's 'passkey' data mix)")
+    a("--passkey-min-len", type=int, default=0,
+      help="pack each passkey sequence with prompts of log-uniform lengths from this many tokens up to --seq-len, so "
+           "one long sequence trains retrieval at many lengths (default 0: one prompt, --seq-len long)")
     a("--seed", type=int, default=0, help="seed for the new weights and the data order")
     a("--log-every", type=int, help="steps between progress lines (default: 10 on GPU, 4 on CPU)")
     a("--eval-every", type=int, help="steps between validation losses (default: 250 on GPU, 16 on CPU)")
