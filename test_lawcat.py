@@ -1798,7 +1798,10 @@ def test_bad_flags_stop_before_anything_is_written_and_a_new_stage_1_keeps_stage
                        (("--lr1", "-1"), "--lr1 -1.0: must be zero or more"),
                        (("--lr2", "nan"), "--lr2 nan: must be zero or more"),
                        (("--passkey-frac", "1.5"), "--passkey-frac 1.5: must be between 0 and 1"),
-                       (("--passkey-min-len", "100000"), "--passkey-min-len 100000: must be between 0")):
+                       (("--passkey-min-len", "17"), "--passkey-min-len 17: must be 0 (one prompt per passkey sequence) "
+                                                      "or positive and at most half of --seq-len 32"),
+                       (("--passkey-min-len", "-1"), "--passkey-min-len -1: must be 0"),
+                       (("--passkey-min-len", "16"), "--passkey-min-len 16: packs passkey sequences, and --passkey-frac 0")):
         with pytest.raises(L.UserError, match=re.escape(msg)):
             run(tmp_path, *flags)
     with pytest.raises(L.UserError, match="is a file, not a directory"):
@@ -1851,6 +1854,22 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, loss, window):
         assert [p["val"] for p in ca] == [p["val"] for p in cb] and ca[-1]["val"] is not None
         assert [p["since"] for p in ca[1:]] == [p["since"] for p in cb[1:]] == [0, 1, 2, 3]
         assert [p["loss"] for p in ca[1:]] == [p["loss"] for p in cb[1:]]
+
+
+def test_resume_from_a_checkpoint_older_than_a_flag(tmp_path, capsys):
+    """A checkpoint saved before a flag existed resumes as if it had the flag's default; a flag that did change is
+    named in the note."""
+    for d, flags, changed in (("old", (), None), ("seed", ("--seed", "1"), "seed")):
+        (tmp_path / d).mkdir()
+        assert run(tmp_path / d, interrupt_at=(1, 2)) == "interrupted"
+        path = tmp_path / d / "out/stage1.pt"
+        ckpt = torch.load(path, weights_only=True)
+        del ckpt["args"]["passkey_min_len"]  # as saved before --passkey-min-len
+        torch.save(ckpt, path)
+        capsys.readouterr()
+        assert run(tmp_path / d, "--resume", *flags) == "done"
+        line = next(x for x in capsys.readouterr().out.splitlines() if "resuming at step 2/4" in x)
+        assert line.endswith(f"(note: {changed} changed since: not bit-for-bit)" if changed else "stage1.pt"), line
 
 
 def test_jsonl_documents_and_a_bad_line(tmp_path):
@@ -1944,12 +1963,12 @@ def test_passkey_data_mix():
     mixed = [tok_text for x in seqs if (tok_text := ByteTokenizer().decode(x)).startswith(L.PASSKEY_INSTR)]
     assert all(len(x) == 401 for x in seqs) and 10 <= len(mixed) <= 30  # about half, each a whole prompt
     assert all(np.array_equal(a, b) for a, b in zip(seqs, [data.sample(s) for s in range(40)]))  # a function of (seed, s)
-    with pytest.raises(L.UserError, match="--seq-len 32"):  # at construction, not at the first passkey sample
+    with pytest.raises(L.UserError, match=re.escape("--seq-len allows (33)")):  # at construction, not at the first sample
         T.Data(tokens, 32, ByteTokenizer(), passkey_frac=0.1)
     fits = lambda n, key: len(L.fit_prompt(ByteTokenizer(), lambda k: L.passkey_prompt(k, 0, key) + f" {key}.", n)[0]) <= n  # noqa: E731
     n = next(n for n in range(100, 400) if fits(n, 1000000))  # a 7-digit key fits, an 8-digit one does not
     assert not fits(n, 99999999)
-    with pytest.raises(L.UserError, match=f"--seq-len {n - 1}"):  # the longest key decides, whatever the seed draws
+    with pytest.raises(L.UserError, match=re.escape(f"--seq-len allows ({n})")):  # the longest key decides, whatever the seed draws
         T.Data(tokens, n - 1, ByteTokenizer(), seed=1, passkey_frac=0.1)  # (seed 1's first key has 6 digits)
 
 
@@ -1966,11 +1985,14 @@ def test_packed_passkey_sequences():
         assert pieces[0] == "" and all(len(L.PASSKEY_INSTR + p) >= 400 for p in pieces[1:])
         for p in pieces[1:]:
             key = re.search(r"The pass key is (\d+)\. Remember it", p)[1]
-            assert re.search(rf"{L.PASSKEY_ANSWER} (\d+)\.", p)[1] == key  # each prompt answered with its own key
+            answer = re.search(re.escape(f"{L.PASSKEY_QUESTION} {L.PASSKEY_ANSWER} ") + r"(\d+)\.", p)[1]
+            assert answer == key  # each prompt answered with its own key
         lengths += [len(L.PASSKEY_INSTR + p) for p in pieces[1:]]
     assert len(lengths) >= 60 and min(lengths) < 800 and max(lengths) > 1500  # several per sequence, short and long
-    with pytest.raises(L.UserError, match="--passkey-min-len 40"):  # the shortest piece must hold the longest key
-        T.Data(tokens, 3000, ByteTokenizer(), passkey_frac=0.1, passkey_min_len=40)
+    fits = lambda n, key: len(L.fit_prompt(ByteTokenizer(), lambda k: L.passkey_prompt(k, 0, key) + f" {key}.", n)[0]) <= n  # noqa: E731
+    n = next(n for n in range(100, 400) if fits(n, 1000000))  # a 7-digit key fits, an 8-digit one does not
+    with pytest.raises(L.UserError, match=re.escape(f"--passkey-min-len allows ({n})")):  # the shortest piece must
+        T.Data(tokens, 3000, ByteTokenizer(), passkey_frac=0.1, passkey_min_len=n)       # hold the longest key
 
 
 def error(capsys, argv):

@@ -166,8 +166,8 @@ class Data:
         # a sequence too short for the longest passkey prompt fails here, not at a random later step (the longest:
         # 99999999 is as many tokens as any key in tokenizers that split numbers into digits or groups of 3, as Llama 3's)
         if passkey_frac:
-            passkey_sequence(tok, passkey_min_len or seq_len + 1, np.random.default_rng(seed), key=10 ** PASSKEY_DIGITS[1] - 1,
-                             limit=passkey_min_len and f"--passkey-min-len {passkey_min_len}")
+            n, flag = (passkey_min_len, "--passkey-min-len") if passkey_min_len else (seq_len + 1, "--seq-len")
+            passkey_sequence(tok, n, np.random.default_rng(seed), key=10 ** PASSKEY_DIGITS[1] - 1, flag=flag)
 
     def sequence(self, i):
         return np.asarray(self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1], dtype=np.int64)
@@ -175,11 +175,14 @@ class Data:
     def sample(self, s):
         rng = np.random.default_rng([self.seed, s])
         if self.passkey_frac and rng.random() < self.passkey_frac:
-            ids, n, m = [], self.seq_len + 1, self.passkey_min_len
-            while len(ids) < n:  # --passkey-min-len: prompts of log-uniform lengths from m up, one after another
+            n, m = self.seq_len + 1, self.passkey_min_len
+            if not m:
+                return np.array(passkey_sequence(self.tok, n, rng), dtype=np.int64)
+            ids = []  # --passkey-min-len: whole prompts one after another, like documents packed into a sequence
+            while len(ids) < n:
                 room = n - len(ids)
-                size = min(room, max(m, int(np.exp(rng.uniform(np.log(m), np.log(n)))))) if m else room
-                ids += passkey_sequence(self.tok, room if room - size < m else size, rng)  # no piece shorter than m
+                size = min(room, max(m, int(np.exp(rng.uniform(np.log(m), np.log(n))))))  # log-uniform from m, capped
+                ids += passkey_sequence(self.tok, room if room - size < m else size, rng)  # a remainder under m joins in
             return np.array(ids, dtype=np.int64)
         epoch, pos = divmod(s, len(self.train))
         if self._perm[0] != epoch:  # a fresh shuffle of the training sequences every epoch
@@ -191,14 +194,14 @@ class Data:
         return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
 
 
-def passkey_sequence(tok, n, rng, key=None, limit=None):
+def passkey_sequence(tok, n, rng, key=None, flag="--seq-len"):
     """n tokens: the passkey prompt that sample.py evaluates with (L.passkey_prompt), the needle at a random
     depth, then the answer and filler to the end: the synthetic retrieval data of the official passkey data mix.
     One template for training and evaluation, so that results past the 1K training length measure length: with
     another (no instruction, no line breaks), a student that copied every key in it missed 12 of the 29 keys
     with a repeated digit in the evaluation's (README). Keys have 4 to 8 digits (the evaluation's have 5), so
     the answer ends where the key ends, not after a learned count of digits. `key` fixes the key (Data's length
-    check); the rng draws it otherwise."""
+    check, which names the `flag` that sets n); the rng draws it otherwise."""
     if key is None:
         digits = int(rng.integers(PASSKEY_DIGITS[0], PASSKEY_DIGITS[1] + 1))
         key = int(rng.integers(10 ** (digits - 1), 10 ** digits))
@@ -207,9 +210,8 @@ def passkey_sequence(tok, n, rng, key=None, limit=None):
     render = lambda k: L.passkey_prompt(k, slot(k), key) + f" {key}."  # noqa: E731
     ids, k = L.fit_prompt(tok, render, n)
     if len(ids) > n:
-        limit = limit or f"--seq-len {n - 1} + 1"
-        raise L.UserError(f"a passkey sequence needs at least {len(ids)} tokens, more than {limit}; "
-                          f"raise {limit.split()[0]} or pass --passkey-frac 0")
+        raise L.UserError(f"a passkey prompt needs at least {len(ids)} tokens, more than {flag} allows ({n}); "
+                          f"raise {flag} or pass --passkey-frac 0")
     pad = len(tok.encode("\n" + L.PASSKEY_FILLER, bos=False))
     # filler to the end, in one string with the rest so the joins tokenize as in any text (".\n" is one token in some)
     return tok.encode(render(k) + ("\n" + L.PASSKEY_FILLER) * ((n - len(ids)) // pad + 2))[:n]
@@ -365,9 +367,10 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
         opt.load_state_dict(ckpt["optimizer"])
         start, total = ckpt["step"], ckpt["total"]
         torch.set_rng_state(ckpt["rng"])
+        old = {**vars(get_args([])), **ckpt["args"]}  # a flag newer than the checkpoint: its default then
         changed = [k for k in ("seq_len", "batch_size", "seed", "passkey_frac", "passkey_min_len", "data", "loss",
                                f"lr{stage}", "warmup")
-                   + (("window",) if stage == 2 else ()) if ckpt["args"].get(k) != getattr(args, k)]
+                   + (("window",) if stage == 2 else ()) if old.get(k) != getattr(args, k)]
         log(f"stage {stage}: resuming at step {start}/{total} from {path}"
             + (f" (note: {', '.join(changed)} changed since: not bit-for-bit)" if changed else ""))
         if any(ckpt["args"].get(k) != getattr(args, k) for k in ("steps", "tokens")):
@@ -531,9 +534,12 @@ def check_args(args):
                           "drop one of them")
     if not 0 <= args.passkey_frac <= 1:
         raise L.UserError(f"--passkey-frac {args.passkey_frac}: must be between 0 and 1")
-    if not 0 <= args.passkey_min_len <= args.seq_len:
-        raise L.UserError(f"--passkey-min-len {args.passkey_min_len}: must be between 0 (one prompt per passkey "
-                          f"sequence) and --seq-len {args.seq_len}")
+    if args.passkey_min_len and not 0 < 2 * args.passkey_min_len <= args.seq_len:
+        raise L.UserError(f"--passkey-min-len {args.passkey_min_len}: must be 0 (one prompt per passkey sequence) or "
+                          f"positive and at most half of --seq-len {args.seq_len} (room for two prompts)")
+    if args.passkey_min_len and not args.passkey_frac:
+        raise L.UserError(f"--passkey-min-len {args.passkey_min_len}: packs passkey sequences, and --passkey-frac 0 "
+                          "has none; drop one of them")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise L.UserError(f"--out {args.out}: is a file, not a directory; pass a directory for the checkpoints")
 
@@ -651,8 +657,9 @@ def get_args(argv=None):
     a("--passkey-frac", type=float, default=0.5,
       help="fraction of training sequences replaced by synthetic passkey ones (the official recipe's 'passkey' data mix)")
     a("--passkey-min-len", type=int, default=0,
-      help="pack each passkey sequence with prompts of log-uniform lengths from this many tokens up to --seq-len, so "
-           "one long sequence trains retrieval at many lengths (default 0: one prompt, --seq-len long)")
+      help="pack each passkey sequence with prompts of this many tokens or more (log-uniform lengths, capped by the "
+           "room left), so one long sequence trains retrieval at many lengths; at most half of --seq-len "
+           "(default 0: one prompt, --seq-len long)")
     a("--seed", type=int, default=0, help="seed for the new weights and the data order")
     a("--log-every", type=int, help="steps between progress lines (default: 10 on GPU, 4 on CPU)")
     a("--eval-every", type=int, help="steps between validation losses (default: 250 on GPU, 16 on CPU)")
