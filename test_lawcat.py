@@ -1956,6 +1956,15 @@ def test_passkey_sequences_match_the_evaluation_tokens(smol_tok):
     assert len(ids) == 1025
 
 
+def passkey_fits(n, key):
+    """Whether the shortest passkey prompt with this key, and its answer, fit in n bytes."""
+    return len(L.fit_prompt(ByteTokenizer(), lambda k: L.passkey_prompt(k, 0, key) + f" {key}.", n)[0]) <= n
+
+
+def shortest_fit(key):
+    return next(n for n in range(100, 400) if passkey_fits(n, key))
+
+
 def test_passkey_data_mix():
     tokens = np.frombuffer(TEXT.encode(), dtype=np.uint8).astype(np.int64)
     data = T.Data(tokens, 400, ByteTokenizer(), seed=3, passkey_frac=0.5)
@@ -1965,9 +1974,8 @@ def test_passkey_data_mix():
     assert all(np.array_equal(a, b) for a, b in zip(seqs, [data.sample(s) for s in range(40)]))  # a function of (seed, s)
     with pytest.raises(L.UserError, match=re.escape("--seq-len allows (33)")):  # at construction, not at the first sample
         T.Data(tokens, 32, ByteTokenizer(), passkey_frac=0.1)
-    fits = lambda n, key: len(L.fit_prompt(ByteTokenizer(), lambda k: L.passkey_prompt(k, 0, key) + f" {key}.", n)[0]) <= n  # noqa: E731
-    n = next(n for n in range(100, 400) if fits(n, 1000000))  # a 7-digit key fits, an 8-digit one does not
-    assert not fits(n, 99999999)
+    n = shortest_fit(1000000)  # a 7-digit key fits, an 8-digit one does not
+    assert not passkey_fits(n, 99999999)
     with pytest.raises(L.UserError, match=re.escape(f"--seq-len allows ({n})")):  # the longest key decides, whatever the seed draws
         T.Data(tokens, n - 1, ByteTokenizer(), seed=1, passkey_frac=0.1)  # (seed 1's first key has 6 digits)
 
@@ -1989,8 +1997,7 @@ def test_packed_passkey_sequences():
             assert answer == key  # each prompt answered with its own key
         lengths += [len(L.PASSKEY_INSTR + p) for p in pieces[1:]]
     assert len(lengths) >= 60 and min(lengths) < 800 and max(lengths) > 1500  # several per sequence, short and long
-    fits = lambda n, key: len(L.fit_prompt(ByteTokenizer(), lambda k: L.passkey_prompt(k, 0, key) + f" {key}.", n)[0]) <= n  # noqa: E731
-    n = next(n for n in range(100, 400) if fits(n, 1000000))  # a 7-digit key fits, an 8-digit one does not
+    n = shortest_fit(1000000)  # a 7-digit key fits, an 8-digit one does not
     with pytest.raises(L.UserError, match=re.escape(f"--passkey-min-len allows ({n})")):  # the shortest piece must
         T.Data(tokens, 3000, ByteTokenizer(), passkey_frac=0.1, passkey_min_len=n)       # hold the longest key
 

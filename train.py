@@ -373,7 +373,7 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
                    + (("window",) if stage == 2 else ()) if old.get(k) != getattr(args, k)]
         log(f"stage {stage}: resuming at step {start}/{total} from {path}"
             + (f" (note: {', '.join(changed)} changed since: not bit-for-bit)" if changed else ""))
-        if any(ckpt["args"].get(k) != getattr(args, k) for k in ("steps", "tokens")):
+        if any(old.get(k) != getattr(args, k) for k in ("steps", "tokens")):
             log(f"note: --steps/--tokens differ from the checkpoint's; a resumed stage keeps its {total} steps")
     warmup = args.warmup if args.warmup is not None else max(1, min(100, total // 20))
     window = args.window or args.seq_len if stage == 2 else args.seq_len
