@@ -1316,6 +1316,14 @@ def test_cut_short_counts_proper_prefixes_only():
     assert S.cut_short(" Hall.", "hallway") == 1 and S.cut_short(" hallways", "hallway") == 0
 
 
+def test_contains_key_is_rulers_score():
+    for out in (" 5083578.", " 50835788.", " 15083578", " ABC-5083578"):  # exact, a digit added at either end
+        assert S.contains_key(out, "5083578") == 1, out
+    for out in (" 508357.", " 5083587", " 50 83578", ""):  # cut short, swapped, split, nothing
+        assert S.contains_key(out, "5083578") == 0, out
+    assert S.contains_key(" Hallway.", "hallway") == 1 and S.contains_key(" hall", "hallway") == 0
+
+
 def test_near_miss_table(capsys):
     sample = lambda model, n, output: dict(model=model, subtask="passkey", length=n, depth="0.5", trial=0, tokens=n,
                                            answer="52556", output=output, correct=S.score(output, "52556"))
@@ -1333,6 +1341,15 @@ def test_near_miss_table(capsys):
     cut = out.split("cut short")[1].splitlines()
     assert cut[2].split("|")[2:4] == ["              0% ", "              0% "]  # 256: none
     assert cut[3].split("|")[2:4] == ["             50% ", "             n/a "]  # 512: " 525" of two answers
+    assert "RULER" not in out  # the key-in-the-answer table is S-NIAH's
+    niah = lambda n, output: dict(sample("student", n, output), subtask="niah1")  # noqa: E731
+    res = dict(res, task="niah", notes={}, results={"student": {sub: {"256": {"0.5": 0.5}, "512": {"0.5": 0.0}}
+                                                                  for sub in ("niah1", "niah2", "niah3")}},
+               samples=[niah(256, " 52556."), niah(256, " 525566."), niah(512, " 5255"), niah(512, " 5256")])
+    S.print_tables(res)
+    out = capsys.readouterr().out
+    ruler = out.split("RULER's score")[1].split("near misses")[0].splitlines()
+    assert ruler[2].split("|")[2].strip() == "100%" and ruler[3].split("|")[2].strip() == "0%"  # 256: both; 512: none
 
 
 def test_evaluate_json_shape_and_teacher_limit(tmp_path, monkeypatch):
@@ -1801,7 +1818,10 @@ def test_bad_flags_stop_before_anything_is_written_and_a_new_stage_1_keeps_stage
                        (("--passkey-min-len", "17"), "--passkey-min-len 17: must be 0 (one prompt per passkey sequence) "
                                                       "or positive and at most half of --seq-len 32"),
                        (("--passkey-min-len", "-1"), "--passkey-min-len -1: must be 0"),
-                       (("--passkey-min-len", "16"), "--passkey-min-len 16: packs passkey sequences, and --passkey-frac 0")):
+                       (("--passkey-min-len", "16"), "--passkey-min-len 16: packs passkey sequences, and --passkey-frac 0"),
+                       (("--record-frac", "1.5"), "--record-frac 1.5: must be between 0 and 1"),
+                       (("--record-frac", "0.5"), "--record-frac 0.5: writes some passkey prompts as records, "
+                                                  "and --passkey-frac 0")):  # make_args passes --passkey-frac 0
         with pytest.raises(L.UserError, match=re.escape(msg)):
             run(tmp_path, *flags)
     with pytest.raises(L.UserError, match="is a file, not a directory"):
@@ -1859,12 +1879,14 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, loss, window):
 def test_resume_from_a_checkpoint_older_than_a_flag(tmp_path, capsys):
     """A checkpoint saved before a flag existed resumes as if it had the flag's default; a flag that did change is
     named in the note."""
-    for d, flags, changed in (("old", (), None), ("seed", ("--seed", "1"), "seed")):
+    records = ("--seq-len", "340", "--passkey-frac", "0.5")  # room for the longest record prompt (333 bytes)
+    for d, first, flags, changed in (("old", (), (), None), ("seed", (), ("--seed", "1"), "seed"),
+                                     ("record", records, (*records, "--record-frac", "0.5"), "record_frac")):
         (tmp_path / d).mkdir()
-        assert run(tmp_path / d, interrupt_at=(1, 2)) == "interrupted"
+        assert run(tmp_path / d, *first, interrupt_at=(1, 2)) == "interrupted"
         path = tmp_path / d / "out/stage1.pt"
         ckpt = torch.load(path, weights_only=True)
-        del ckpt["args"]["passkey_min_len"]  # as saved before --passkey-min-len
+        del ckpt["args"]["passkey_min_len"], ckpt["args"]["record_frac"]  # as saved before these flags
         torch.save(ckpt, path)
         capsys.readouterr()
         assert run(tmp_path / d, "--resume", *flags) == "done"
@@ -2001,6 +2023,90 @@ def test_packed_passkey_sequences():
     with pytest.raises(L.UserError, match=re.escape(f"--passkey-min-len allows ({n})")):  # the shortest piece must
         T.Data(tokens, 3000, ByteTokenizer(), passkey_frac=0.1, passkey_min_len=n)       # hold the longest key
 
+
+RECORD = re.compile(r"The (%s) for (\w+) is (\d+)\." % "|".join(map(re.escape, T.RECORD_KINDS)))
+
+
+def record_prompt(text):
+    """(records [(kind, word, key)], haystack between the instruction and the question, (kind, word, answer)) of
+    one record prompt's text after its instruction."""
+    body, question = text.split("\nWhat is the ", 1)
+    asked = re.match(r"(.+?) for (\w+)\? The \1 for \2 is (\d+)\.", question)
+    return RECORD.findall(body), RECORD.sub("", body), asked.groups()
+
+
+def test_record_sequences():
+    """--record-frac: a record prompt is one to three numbers filed under distinct words (one kind, none of the
+    S-NIAH words or wording), each said once, in filler or in the training text's sentences, then a question about
+    one of them answered with its own key; records and passkeys mix by the fraction; a function of (seed, s)."""
+    tok = ByteTokenizer()
+    tokens = np.frombuffer(TEXT.encode(), dtype=np.uint8).astype(np.int64)
+    data = T.Data(tokens, 3000, tok, seed=4, passkey_frac=1.0, passkey_min_len=400, record_frac=1.0)
+    again = T.Data(tokens, 3000, tok, seed=4, passkey_frac=1.0, passkey_min_len=400, record_frac=1.0)
+    counts, digits, hays = set(), set(), set()
+    for s in range(30):
+        x = data.sample(s)
+        assert len(x) == 3001 and np.array_equal(x, data.sample(s)) and np.array_equal(x, again.sample(s))
+        text = tok.decode(x)
+        assert "special magic" not in text and L.PASSKEY_INSTR not in text
+        pieces = text.split(T.RECORD_INSTR)
+        assert pieces[0] == "" and all(len(T.RECORD_INSTR + p) >= 400 for p in pieces[1:])
+        for p in pieces[1:]:
+            records, hay, (kind, word, answer) = record_prompt(p)
+            kinds, words, keys = zip(*records)
+            assert set(kinds) == {kind} and len(set(words)) == len(words)  # one kind, distinct words
+            assert set(words) <= set(T.RECORD_WORDS) and not set(words) & set(S.WORDS)  # S-NIAH's words held out
+            assert answer == dict(zip(words, keys))[word]  # the asked word's own key
+            before = re.findall(r"\d+", p.split("\nWhat is the ")[0])
+            assert all(before.count(k) == 1 for k in keys)  # each record said once
+            counts.add(len(records))
+            digits |= {len(k) for k in keys}
+            has_filler, has_text = L.PASSKEY_FILLER in hay, bool(re.search(r"jumps over the lazy dog \d\.", hay))
+            assert not (has_filler and has_text)  # one haystack per prompt
+            assert all(line in TEXT for line in re.findall(r"Line \d+: [^.]*\.", hay))  # the training text's sentences
+            hays |= {h for h, has in (("filler", has_filler), ("text", has_text)) if has}
+    assert counts == {1, 2, 3} and hays == {"filler", "text"}
+    assert min(digits) == 4 and max(digits) == 10 and digits <= set(range(4, 11))
+    # mixed with passkeys, one prompt per sequence: both templates, each record prompt answered with its own key
+    data = T.Data(tokens, 600, tok, seed=4, passkey_frac=1.0, record_frac=0.5)
+    starts = []
+    for s in range(30):
+        text = tok.decode(data.sample(s))
+        starts.append(next(i for i in (L.PASSKEY_INSTR, T.RECORD_INSTR) if text.startswith(i)))
+        if starts[-1] == T.RECORD_INSTR:
+            records, _, (kind, word, answer) = record_prompt(text[len(T.RECORD_INSTR):])
+            assert (kind, word, answer) in records
+    assert 5 <= starts.count(T.RECORD_INSTR) <= 25
+    # record_frac 0 draws nothing more: a passkey sample is passkey_sequence after the sample's mix draw, as before
+    data = T.Data(tokens, 600, tok, seed=4, passkey_frac=1.0)
+    for s in range(3):
+        rng = np.random.default_rng([4, s])
+        rng.random()
+        assert np.array_equal(data.sample(s), T.passkey_sequence(tok, 601, rng))
+
+
+def test_record_prompt_length_is_checked_at_construction():
+    """Data refuses a length that holds the longest passkey prompt but not the longest record prompt, naming the
+    flag that sets the length, and only when there are records."""
+    tokens = np.frombuffer(TEXT.encode(), dtype=np.uint8).astype(np.int64)
+
+    def fits(n):
+        try:
+            T.record_sequence(ByteTokenizer(), n, np.random.default_rng(0), longest=True)
+            return True
+        except L.UserError:
+            return False
+    n = next(n for n in range(shortest_fit(99999999), 1000) if fits(n))
+    assert n > shortest_fit(99999999) + 1  # n - 1 holds any passkey prompt: the record check is what fires
+    msg = "a record prompt needs at least .* tokens, more than {} allows \\({}\\)"
+    with pytest.raises(L.UserError, match=msg.format("--seq-len", n - 1)):  # seq_len + 1 tokens
+        T.Data(tokens, n - 2, ByteTokenizer(), seed=1, passkey_frac=0.1, record_frac=0.1)
+    T.Data(tokens, n - 2, ByteTokenizer(), seed=1, passkey_frac=0.1)  # no records: fits
+    T.Data(tokens, n - 1, ByteTokenizer(), seed=1, passkey_frac=0.1, record_frac=0.1)  # n tokens: fits
+    with pytest.raises(L.UserError, match=msg.format("--passkey-min-len", n - 1)):
+        T.Data(tokens, 3000, ByteTokenizer(), seed=1, passkey_frac=0.1, passkey_min_len=n - 1, record_frac=0.1)
+    T.Data(tokens, 3000, ByteTokenizer(), seed=1, passkey_frac=0.1, passkey_min_len=n - 1)
+    T.Data(tokens, 3000, ByteTokenizer(), seed=1, passkey_frac=0.1, passkey_min_len=n, record_frac=0.1)
 
 def error(capsys, argv):
     with pytest.raises(SystemExit) as e:

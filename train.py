@@ -22,6 +22,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -41,6 +42,14 @@ import lawcat as L
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl")
 PASSKEY_DIGITS = (4, 8)  # the synthetic training keys' fewest and most digits
+# --record-frac: a second retrieval template, numbers filed under words (none of sample.py's S-NIAH words)
+RECORD_INSTR = "A few records are hidden in the text below. Read it carefully: a question about one of them follows."
+RECORD_KINDS = ("secret number", "access code", "reference number", "serial number", "lucky number", "room number")
+RECORD_WORDS = ("tiger window copper island pencil forest rocket candle mirror garden velvet dragon silver bottle "
+                "castle planet ribbon hammer jacket kettle ladder magnet oyster parrot pillow puzzle rabbit saddle "
+                "shadow spider statue summer tunnel turtle wallet wizard zebra barrel beacon blanket bridge button "
+                "cherry cotton desert engine feather garlic helmet jungle lemon mango nickel onion paddle pebble").split()
+RECORD_DIGITS = (4, 10)  # S-NIAH's keys have 7
 
 
 def default_sources():
@@ -152,7 +161,8 @@ class Data:
     """Non-overlapping (seq_len + 1)-token sequences; every 50th is validation. Training sample s (counted
     over the whole run, all ranks) is a deterministic function of (seed, s): resume needs no loader state."""
 
-    def __init__(self, tokens, seq_len, tok, seed=0, passkey_frac=0.0, passkey_min_len=0, val_every=50):
+    def __init__(self, tokens, seq_len, tok, seed=0, passkey_frac=0.0, passkey_min_len=0, record_frac=0.0,
+                 val_every=50):
         n = (len(tokens) - 1) // seq_len
         if n < 1:
             raise L.UserError(f"the data has {len(tokens):,} tokens, fewer than one training sequence "
@@ -161,13 +171,15 @@ class Data:
         self.val = idx[idx % val_every == val_every - 1] if n >= val_every else idx[n - 1:] if n > 1 else idx[:0]
         self.train = np.setdiff1d(idx, self.val)
         self.tokens, self.seq_len, self.tok, self.seed = tokens, seq_len, tok, seed
-        self.passkey_frac, self.passkey_min_len = passkey_frac, passkey_min_len
+        self.passkey_frac, self.passkey_min_len, self.record_frac = passkey_frac, passkey_min_len, record_frac
         self._perm = (None, None)
         # a sequence too short for the longest passkey prompt fails here, not at a random later step (the longest:
         # 99999999 is as many tokens as any key in tokenizers that split numbers into digits or groups of 3, as Llama 3's)
         if passkey_frac:
             n, flag = (passkey_min_len, "--passkey-min-len") if passkey_min_len else (seq_len + 1, "--seq-len")
             passkey_sequence(tok, n, np.random.default_rng(seed), key=10 ** PASSKEY_DIGITS[1] - 1, flag=flag)
+            if record_frac:
+                record_sequence(tok, n, np.random.default_rng(seed), longest=True, flag=flag)
 
     def sequence(self, i):
         return np.asarray(self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1], dtype=np.int64)
@@ -177,17 +189,28 @@ class Data:
         if self.passkey_frac and rng.random() < self.passkey_frac:
             n, m = self.seq_len + 1, self.passkey_min_len
             if not m:
-                return np.array(passkey_sequence(self.tok, n, rng), dtype=np.int64)
+                return np.array(self.retrieval(n, rng), dtype=np.int64)
             ids = []  # --passkey-min-len: whole prompts one after another, like documents packed into a sequence
             while len(ids) < n:
                 room = n - len(ids)
                 size = min(room, max(m, int(np.exp(rng.uniform(np.log(m), np.log(n))))))  # log-uniform from m, capped
-                ids += passkey_sequence(self.tok, room if room - size < m else size, rng)  # a remainder under m joins in
+                ids += self.retrieval(room if room - size < m else size, rng)  # a remainder under m joins in
             return np.array(ids, dtype=np.int64)
         epoch, pos = divmod(s, len(self.train))
         if self._perm[0] != epoch:  # a fresh shuffle of the training sequences every epoch
             self._perm = (epoch, np.random.default_rng([self.seed, 1 << 32, epoch]).permutation(self.train))
         return self.sequence(self._perm[1][pos])
+
+    def retrieval(self, n, rng):
+        """One synthetic retrieval prompt of n tokens: a passkey, or (--record-frac) records, half of them hidden
+        in the sentences of a training sequence instead of the filler."""
+        if not (self.record_frac and rng.random() < self.record_frac):
+            return passkey_sequence(self.tok, n, rng)
+        prose = None
+        if rng.random() < 0.5:
+            text = " ".join(self.tok.decode(self.sequence(rng.choice(self.train)).tolist()).split())
+            prose = [t for t in re.split(r"(?<=[.!?])\s+", text) if t] or None
+        return record_sequence(self.tok, n, rng, prose)
 
     def batch(self, first, count, device):  # pinned: a copy from pageable memory would wait for the GPU
         x = torch.from_numpy(np.stack([self.sample(s) for s in range(first, first + count)]))
@@ -208,9 +231,40 @@ def passkey_sequence(tok, n, rng, key=None, flag="--seq-len"):
     u = rng.random()
     slot = lambda k: min(int(u * (k + 1)), k) / max(k, 1)  # noqa: E731  the needle: each of k + 1 slots equally likely
     render = lambda k: L.passkey_prompt(k, slot(k), key) + f" {key}."  # noqa: E731
+    return fill_sequence(tok, render, n, flag, "a passkey prompt")
+
+
+def record_sequence(tok, n, rng, prose=None, longest=False, flag="--seq-len"):
+    """n tokens: one to three records ("The access code for tiger is 4417093.", each said once) at random depths
+    in repeated filler or in `prose` (sentences), a question about one of them and its answer, then filler. Like
+    S-NIAH's needle and unlike the passkey (said twice), a record is a number filed under a word and said once;
+    S-NIAH's wording and words are none of these, so it stays held out. `longest`: the longest such prompt (the
+    longest kind, words and keys), for Data's length check."""
+    if longest:
+        size = lambda w: len(tok.encode(f" {w}", bos=False))  # noqa: E731
+        kind, words = max(RECORD_KINDS, key=size), sorted(RECORD_WORDS, key=size)[-3:]
+        keys = [10 ** RECORD_DIGITS[1] - 1] * 3
+    else:
+        kind = RECORD_KINDS[rng.integers(len(RECORD_KINDS))]
+        words = [RECORD_WORDS[i] for i in rng.choice(len(RECORD_WORDS), rng.integers(1, 4), replace=False)]
+        keys = [int(rng.integers(10 ** (d - 1), 10 ** d)) for d in rng.integers(*RECORD_DIGITS, len(words), endpoint=True)]
+    ask, u, hay = int(rng.integers(len(words))), rng.random(len(words)), prose or [L.PASSKEY_FILLER]
+
+    def render(k):  # k haystack units, each record after min(floor(u (k + 1)), k) of them
+        units = [hay[j % len(hay)] for j in range(k)]
+        for slot, record in sorted(((min(int(x * (k + 1)), k), f"The {kind} for {w} is {key}.")
+                                    for x, w, key in zip(u, words, keys)), reverse=True):
+            units.insert(slot, record)
+        return (f"{RECORD_INSTR}\n{' '.join(units)}\nWhat is the {kind} for {words[ask]}? "
+                f"The {kind} for {words[ask]} is {keys[ask]}.")
+    return fill_sequence(tok, render, n, flag, "a record prompt")
+
+
+def fill_sequence(tok, render, n, flag, what):
+    """The ids of render(k) for the most haystack units k that fit in n tokens, then passkey filler to n."""
     ids, k = L.fit_prompt(tok, render, n)
     if len(ids) > n:
-        raise L.UserError(f"a passkey prompt needs at least {len(ids)} tokens, more than {flag} allows ({n}); "
+        raise L.UserError(f"{what} needs at least {len(ids)} tokens, more than {flag} allows ({n}); "
                           f"raise {flag} or pass --passkey-frac 0")
     pad = len(tok.encode("\n" + L.PASSKEY_FILLER, bos=False))
     # filler to the end, in one string with the rest so the joins tokenize as in any text (".\n" is one token in some)
@@ -368,8 +422,8 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
         start, total = ckpt["step"], ckpt["total"]
         torch.set_rng_state(ckpt["rng"])
         old = {**vars(get_args([])), **ckpt["args"]}  # a flag newer than the checkpoint: its default then
-        changed = [k for k in ("seq_len", "batch_size", "seed", "passkey_frac", "passkey_min_len", "data", "loss",
-                               f"lr{stage}", "warmup")
+        changed = [k for k in ("seq_len", "batch_size", "seed", "passkey_frac", "passkey_min_len", "record_frac", "data",
+                               "loss", f"lr{stage}", "warmup")
                    + (("window",) if stage == 2 else ()) if old.get(k) != getattr(args, k)]
         log(f"stage {stage}: resuming at step {start}/{total} from {path}"
             + (f" (note: {', '.join(changed)} changed since: not bit-for-bit)" if changed else ""))
@@ -540,6 +594,11 @@ def check_args(args):
     if args.passkey_min_len and not args.passkey_frac:
         raise L.UserError(f"--passkey-min-len {args.passkey_min_len}: packs passkey sequences, and --passkey-frac 0 "
                           "has none; drop one of them")
+    if not 0 <= args.record_frac <= 1:
+        raise L.UserError(f"--record-frac {args.record_frac}: must be between 0 and 1")
+    if args.record_frac and not args.passkey_frac:
+        raise L.UserError(f"--record-frac {args.record_frac}: writes some passkey prompts as records, and --passkey-frac 0 "
+                          "has none; drop one of them")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise L.UserError(f"--out {args.out}: is a file, not a directory; pass a directory for the checkpoints")
 
@@ -582,10 +641,11 @@ def train(args, model=None, tokenizer=None, on_step=None):
     tokens = load_tokens(sources, tokenizer, args.cache_dir, log)
     if world > 1 and rank == 0:
         dist.barrier()
-    data = Data(tokens, args.seq_len, tokenizer, args.seed, args.passkey_frac, args.passkey_min_len)
+    data = Data(tokens, args.seq_len, tokenizer, args.seed, args.passkey_frac, args.passkey_min_len, args.record_frac)
     log(f"data: {len(tokens):,} tokens, {len(data.train):,} training and {len(data.val)} validation sequences of "
         f"{args.seq_len}, passkey fraction {args.passkey_frac}"
-        + (f", prompts of {args.passkey_min_len} tokens and up packed in each" if args.passkey_min_len else ""))
+        + (f", prompts of {args.passkey_min_len} tokens and up packed in each" if args.passkey_min_len else "")
+        + (f", {args.record_frac:.0%} of the prompts records" if args.record_frac else ""))
 
     fingerprint = L.teacher_fingerprint(model)
     torch.manual_seed(args.seed)
@@ -660,6 +720,9 @@ def get_args(argv=None):
       help="pack each passkey sequence with prompts of this many tokens or more (log-uniform lengths, capped by the "
            "room left), so one long sequence trains retrieval at many lengths; at most half of --seq-len "
            "(default 0: one prompt, --seq-len long)")
+    a("--record-frac", type=float, default=0.0,
+      help="fraction of the passkey prompts written instead as records: numbers filed under words, said once, among "
+           "distractor records, in filler or in training text (a second template; S-NIAH's wording stays held out)")
     a("--seed", type=int, default=0, help="seed for the new weights and the data order")
     a("--log-every", type=int, help="steps between progress lines (default: 10 on GPU, 4 on CPU)")
     a("--eval-every", type=int, help="steps between validation losses (default: 250 on GPU, 16 on CPU)")
