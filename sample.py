@@ -33,8 +33,8 @@ or out/<task>_teacher.json for the teacher alone; --json PATH chooses; --bench w
                  "teacher": {...}},        # subtasks: passkey | niah1 niah2 niah3 | qa2 qa3
      "notes": {"teacher": {"16384": "n/a (> trained context 8192)"}},   # why a row was not run
      "samples": [{"model", "subtask", "length", "depth", "trial", "tokens", "answer", "output", "correct"}],
-     # print_tables also counts, from "answer" and "output", near misses (one edit from the key) and
-     # answers cut short (a proper prefix of the key)
+     # print_tables also counts, from "answer" and "output", near misses (one edit from the key),
+     # answers cut short (a proper prefix of the key) and, for S-NIAH, RULER's score (the key in the answer)
      "meta": {"device", "dtype", "teacher_context", "seconds", "argv", "python"}}
 """
 import argparse
@@ -226,6 +226,13 @@ def one_edit_off(output, answer):
     return int(any(longer[:i] + longer[i + 1:] == shorter for i in range(len(longer))))
 
 
+def contains_key(output, answer):
+    """1 if the answer appears anywhere in the output (any case): RULER's S-NIAH score (string_match_all, one
+    needle), which the paper's S-NIAH numbers use. Here the output stops after its first word, so this only
+    adds answers like 50835788 for the key 5083578: the key found and copied, its end missed."""
+    return int(answer.lower() in output.lower())
+
+
 def cut_short(output, answer):
     """1 if the output's first word is a proper prefix of the answer: the model began the key and stopped too early
     (at 8K a student answered 887 for the key 88720)."""
@@ -347,14 +354,16 @@ def print_tables(res):
 
     summary(f"{res['task']}: accuracy, " + ("mean over depths" if len(depths) > 1 else f"{res['trials']} trials per cell"),
             accuracy)
-    for title, is_miss in (("near misses: answers one edit from the key (a character dropped, added, changed, or two "
-                            "swapped), as a share of all answers", one_edit_off),
-                           ("cut short: answers that are a proper prefix of the key (the model began it and stopped), "
-                            "as a share of all answers", cut_short)):
+    ruler = [("RULER's score, the paper's for S-NIAH: answers that contain the key (the exact ones, and the key with "
+              "characters added), as a share of all answers", contains_key)] if res["task"] == "niah" else []
+    for title, is_miss in ruler + [("near misses: answers one edit from the key (a character dropped, added, changed, "
+                                    "or two swapped), as a share of all answers", one_edit_off),
+                                   ("cut short: answers that are a proper prefix of the key (the model began it and "
+                                    "stopped), as a share of all answers", cut_short)]:
         misses = {}  # (name, sub, length) -> is_miss of each answer, over all depths
         for x in res["samples"]:
             misses.setdefault((x["model"], x["subtask"], x["length"]), []).append(is_miss(x["output"], x["answer"]))
-        if any(map(any, misses.values())):  # only when some answer is such a miss
+        if is_miss is contains_key or any(map(any, misses.values())):  # a miss table: only when some answer is one
             summary(title, lambda name, sub, n: pct(sum(v) / len(v)) if (v := misses.get((name, sub, n))) else "n/a")
     for name, notes in res["notes"].items():
         print(f"{name} not run at: " + "; ".join(f"{n} ({why})" for n, why in notes.items()))
