@@ -2085,6 +2085,26 @@ def test_record_sequences():
         assert np.array_equal(data.sample(s), T.passkey_sequence(tok, 601, rng))
 
 
+def test_record_prose_drops_markers_and_cuts_long_sentences():
+    """The prose haystack leaves out BOS/EOS ids (no marker text joins it) and cuts text without sentence breaks
+    into 50-word pieces, so records still hide in it (one unit of a whole sequence would not fit: no haystack)."""
+    class MarkerTokenizer(ByteTokenizer):  # EOS decodes to visible text, as in a real tokenizer's decode
+        def decode(self, ids):
+            return "".join("<eos>" if i == self.eos_id else chr(i) for i in ids if i < 256 or i == self.eos_id)
+    tok = MarkerTokenizer()
+    doc = tok.encode(" ".join(f"word{i % 97}" for i in range(100)), eos=True)  # 589 bytes, no sentence break
+    tokens = np.array(doc * 12, dtype=np.int64)
+    data = T.Data(tokens, 2000, tok, seed=2, passkey_frac=1.0, record_frac=1.0)
+    hays = []
+    for s in range(20):
+        text = tok.decode(data.sample(s))
+        records, hay, _ = record_prompt(text[len(T.RECORD_INSTR):])
+        if L.PASSKEY_FILLER not in hay:
+            assert "<eos>" not in text
+            hays.append(len(re.findall(r"word\d+", hay)))
+    assert len(hays) >= 5 and min(hays) >= 100  # prose prompts, each hiding its records in the text
+
+
 def test_record_prompt_length_is_checked_at_construction():
     """Data refuses a length that holds the longest passkey prompt but not the longest record prompt, naming the
     flag that sets the length, and only when there are records."""
@@ -2098,6 +2118,14 @@ def test_record_prompt_length_is_checked_at_construction():
             return False
     n = next(n for n in range(shortest_fit(99999999), 1000) if fits(n))
     assert n > shortest_fit(99999999) + 1  # n - 1 holds any passkey prompt: the record check is what fires
+    # the longest prompt written out: the longest kind, three records of the longest words (two of 7 letters, one of
+    # 6) with 10-digit keys, asked about a 7-letter word; whatever the seed, the check asks for exactly its bytes
+    records = " ".join(f"The reference number for {w} is 9999999999." for w in ("blanket", "feather", "window"))
+    longest = f"{T.RECORD_INSTR}\n{records}\nWhat is the reference number for feather? The reference number for feather is 9999999999."
+    assert n == len(longest.encode())
+    for seed in range(30):
+        with pytest.raises(L.UserError, match="a record prompt needs at least"):
+            T.Data(tokens, n - 2, ByteTokenizer(), seed=seed, passkey_frac=0.1, record_frac=0.1)
     msg = "a record prompt needs at least .* tokens, more than {} allows \\({}\\)"
     with pytest.raises(L.UserError, match=msg.format("--seq-len", n - 1)):  # seq_len + 1 tokens
         T.Data(tokens, n - 2, ByteTokenizer(), seed=1, passkey_frac=0.1, record_frac=0.1)

@@ -203,13 +203,16 @@ class Data:
 
     def retrieval(self, n, rng):
         """One synthetic retrieval prompt of n tokens: a passkey, or (--record-frac) records, half of them hidden
-        in the sentences of a training sequence instead of the filler."""
+        in the sentences of a training sequence instead of the filler (its BOS/EOS ids dropped, so that no
+        marker text joins the haystack; sentences over 50 words, or text without any, cut into 50-word pieces)."""
         if not (self.record_frac and rng.random() < self.record_frac):
             return passkey_sequence(self.tok, n, rng)
         prose = None
         if rng.random() < 0.5:
-            text = " ".join(self.tok.decode(self.sequence(rng.choice(self.train)).tolist()).split())
-            prose = [t for t in re.split(r"(?<=[.!?])\s+", text) if t] or None
+            ids = self.sequence(rng.choice(self.train))
+            ids = ids[~np.isin(ids, [i for i in (self.tok.bos_id, self.tok.eos_id) if i is not None])]
+            sentences = re.split(r"(?<=[.!?])\s+", " ".join(self.tok.decode(ids.tolist()).split()))
+            prose = [" ".join(w[i:i + 50]) for t in sentences if (w := t.split()) for i in range(0, len(w), 50)] or None
         return record_sequence(self.tok, n, rng, prose)
 
     def batch(self, first, count, device):  # pinned: a copy from pageable memory would wait for the GPU
@@ -238,8 +241,8 @@ def record_sequence(tok, n, rng, prose=None, longest=False, flag="--seq-len"):
     """n tokens: one to three records ("The access code for tiger is 4417093.", each said once) at random depths
     in repeated filler or in `prose` (sentences), a question about one of them and its answer, then filler. Like
     S-NIAH's needle and unlike the passkey (said twice), a record is a number filed under a word and said once;
-    S-NIAH's wording and words are none of these, so it stays held out. `longest`: the longest such prompt (the
-    longest kind, words and keys), for Data's length check."""
+    S-NIAH's words and exact wording are not among these, so they stay held out. `longest`: the longest such
+    prompt (the longest kind, words and keys, asked about the longest word), for Data's length check."""
     if longest:
         size = lambda w: len(tok.encode(f" {w}", bos=False))  # noqa: E731
         kind, words = max(RECORD_KINDS, key=size), sorted(RECORD_WORDS, key=size)[-3:]
@@ -248,7 +251,8 @@ def record_sequence(tok, n, rng, prose=None, longest=False, flag="--seq-len"):
         kind = RECORD_KINDS[rng.integers(len(RECORD_KINDS))]
         words = [RECORD_WORDS[i] for i in rng.choice(len(RECORD_WORDS), rng.integers(1, 4), replace=False)]
         keys = [int(rng.integers(10 ** (d - 1), 10 ** d)) for d in rng.integers(*RECORD_DIGITS, len(words), endpoint=True)]
-    ask, u, hay = int(rng.integers(len(words))), rng.random(len(words)), prose or [L.PASSKEY_FILLER]
+    ask = len(words) - 1 if longest else int(rng.integers(len(words)))  # longest: asked about the longest word
+    u, hay = rng.random(len(words)), prose or [L.PASSKEY_FILLER]
 
     def render(k):  # k haystack units, each record after min(floor(u (k + 1)), k) of them
         units = [hay[j % len(hay)] for j in range(k)]
