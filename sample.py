@@ -228,8 +228,9 @@ def one_edit_off(output, answer):
 
 def contains_key(output, answer):
     """1 if the answer appears anywhere in the output (any case): RULER's S-NIAH score (string_match_all, one
-    needle), which the paper's S-NIAH numbers use. Here the output stops after its first word, so this only
-    adds answers like 50835788 for the key 5083578: the key found and copied, its end missed."""
+    needle), which the paper's S-NIAH numbers use. Here the output stops once its first word is complete (RULER
+    scores a whole generation: this is at most its score), so it adds answers like 50835788 for the key 5083578:
+    the key found and copied, its end missed."""
     return int(answer.lower() in output.lower())
 
 

@@ -726,7 +726,8 @@ def get_args(argv=None):
            "(default 0: one prompt, --seq-len long)")
     a("--record-frac", type=float, default=0.0,
       help="fraction of the passkey prompts written instead as records: numbers filed under words, said once, among "
-           "distractor records, in filler or in training text (a second template; S-NIAH's wording stays held out)")
+           "distractor records, in filler or in training text (a second template; S-NIAH's words and exact wording "
+           "stay held out)")
     a("--seed", type=int, default=0, help="seed for the new weights and the data order")
     a("--log-every", type=int, help="steps between progress lines (default: 10 on GPU, 4 on CPU)")
     a("--eval-every", type=int, help="steps between validation losses (default: 250 on GPU, 16 on CPU)")
