@@ -355,16 +355,19 @@ def print_tables(res):
 
     summary(f"{res['task']}: accuracy, " + ("mean over depths" if len(depths) > 1 else f"{res['trials']} trials per cell"),
             accuracy)
-    ruler = [("RULER's score, the paper's for S-NIAH: answers that contain the key (the exact ones, and the key with "
-              "characters added), as a share of all answers", contains_key)] if res["task"] == "niah" else []
-    for title, is_miss in ruler + [("near misses: answers one edit from the key (a character dropped, added, changed, "
-                                    "or two swapped), as a share of all answers", one_edit_off),
-                                   ("cut short: answers that are a proper prefix of the key (the model began it and "
-                                    "stopped), as a share of all answers", cut_short)]:
+    tables = [  # (title, is_miss, always): a miss table is printed only when some answer is such a miss
+        ("near misses: answers one edit from the key (a character dropped, added, changed, or two swapped), as a share "
+         "of all answers", one_edit_off, False),
+        ("cut short: answers that are a proper prefix of the key (the model began it and stopped), as a share of all "
+         "answers", cut_short, False)]
+    if res["task"] == "niah":
+        tables.insert(0, ("RULER's score, the paper's for S-NIAH: answers that contain the key (the exact ones, and the "
+                          "key with characters added), as a share of all answers", contains_key, True))
+    for title, is_miss, always in tables:
         misses = {}  # (name, sub, length) -> is_miss of each answer, over all depths
         for x in res["samples"]:
             misses.setdefault((x["model"], x["subtask"], x["length"]), []).append(is_miss(x["output"], x["answer"]))
-        if is_miss is contains_key or any(map(any, misses.values())):  # a miss table: only when some answer is one
+        if always or any(map(any, misses.values())):
             summary(title, lambda name, sub, n: pct(sum(v) / len(v)) if (v := misses.get((name, sub, n))) else "n/a")
     for name, notes in res["notes"].items():
         print(f"{name} not run at: " + "; ".join(f"{n} ({why})" for n, why in notes.items()))

@@ -590,19 +590,16 @@ def check_args(args):
     if args.max_halflife and args.no_gate:
         raise L.UserError(f"--max-halflife {args.max_halflife}: caps the gates' decays, and --no-gate has none; "
                           "drop one of them")
-    if not 0 <= args.passkey_frac <= 1:
-        raise L.UserError(f"--passkey-frac {args.passkey_frac}: must be between 0 and 1")
+    for k in ("passkey_frac", "record_frac"):
+        v = getattr(args, k)
+        if not 0 <= v <= 1:
+            raise L.UserError(f"{name(k)} {v}: must be between 0 and 1")
     if args.passkey_min_len and not 0 < 2 * args.passkey_min_len <= args.seq_len:
         raise L.UserError(f"--passkey-min-len {args.passkey_min_len}: must be 0 (one prompt per passkey sequence) or "
                           f"positive and at most half of --seq-len {args.seq_len} (room for two prompts)")
-    if args.passkey_min_len and not args.passkey_frac:
-        raise L.UserError(f"--passkey-min-len {args.passkey_min_len}: packs passkey sequences, and --passkey-frac 0 "
-                          "has none; drop one of them")
-    if not 0 <= args.record_frac <= 1:
-        raise L.UserError(f"--record-frac {args.record_frac}: must be between 0 and 1")
-    if args.record_frac and not args.passkey_frac:
-        raise L.UserError(f"--record-frac {args.record_frac}: writes some passkey prompts as records, and --passkey-frac 0 "
-                          "has none; drop one of them")
+    for k, does in (("passkey_min_len", "packs passkey sequences"), ("record_frac", "writes some passkey prompts as records")):
+        if getattr(args, k) and not args.passkey_frac:
+            raise L.UserError(f"{name(k)} {getattr(args, k)}: {does}, and --passkey-frac 0 has none; drop one of them")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise L.UserError(f"--out {args.out}: is a file, not a directory; pass a directory for the checkpoints")
 
