@@ -1821,7 +1821,11 @@ def test_bad_flags_stop_before_anything_is_written_and_a_new_stage_1_keeps_stage
                        (("--passkey-min-len", "16"), "--passkey-min-len 16: packs passkey sequences, and --passkey-frac 0"),
                        (("--record-frac", "1.5"), "--record-frac 1.5: must be between 0 and 1"),
                        (("--record-frac", "0.5"), "--record-frac 0.5: writes some passkey prompts as records, "
-                                                  "and --passkey-frac 0")):  # make_args passes --passkey-frac 0
+                                                  "and --passkey-frac 0"),  # make_args passes --passkey-frac 0
+                       (("--record-forms", "0"), "--record-forms 0: must be between 1 and 6 (the wordings there are)"),
+                       (("--record-forms", "7"), "--record-forms 7: must be between 1 and 6"),
+                       (("--record-forms", "3"), "--record-forms 3: words the records in several ways, and "
+                                                 "--record-frac 0 has none; drop one of them")):
         with pytest.raises(L.UserError, match=re.escape(msg)):
             run(tmp_path, *flags)
     with pytest.raises(L.UserError, match="is a file, not a directory"):
@@ -1879,14 +1883,17 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, loss, window):
 def test_resume_from_a_checkpoint_older_than_a_flag(tmp_path, capsys):
     """A checkpoint saved before a flag existed resumes as if it had the flag's default; a flag that did change is
     named in the note."""
-    records = ("--seq-len", "340", "--passkey-frac", "0.5")  # room for the longest record prompt (333 bytes)
+    records = ("--seq-len", "370", "--passkey-frac", "0.5")  # room for the longest record prompt in 2 forms (369 bytes)
     for d, first, flags, changed in (("old", (), (), None), ("seed", (), ("--seed", "1"), "seed"),
-                                     ("record", records, (*records, "--record-frac", "0.5"), "record_frac")):
+                                     ("record", records, (*records, "--record-frac", "0.5"), "record_frac"),
+                                     ("forms", records, (*records, "--record-frac", "0.5", "--record-forms", "2"),
+                                      "record_frac, record_forms")):
         (tmp_path / d).mkdir()
         assert run(tmp_path / d, *first, interrupt_at=(1, 2)) == "interrupted"
         path = tmp_path / d / "out/stage1.pt"
         ckpt = torch.load(path, weights_only=True)
-        del ckpt["args"]["passkey_min_len"], ckpt["args"]["record_frac"]  # as saved before these flags
+        for k in ("passkey_min_len", "record_frac", "record_forms"):  # as saved before these flags
+            del ckpt["args"][k]
         torch.save(ckpt, path)
         capsys.readouterr()
         assert run(tmp_path / d, "--resume", *flags) == "done"
@@ -2024,40 +2031,57 @@ def test_packed_passkey_sequences():
         T.Data(tokens, 3000, ByteTokenizer(), passkey_frac=0.1, passkey_min_len=n)       # hold the longest key
 
 
-RECORD = re.compile(r"The (%s) for (\w+) is (\d+)\." % "|".join(map(re.escape, T.RECORD_KINDS)))
+def template_regex(template):
+    """A RECORD_FORMS template as a regex: a named group per placeholder, and a placeholder's second time a
+    backreference (a question and its answer name the same kind and word)."""
+    fields = {"kind": "|".join(map(re.escape, T.RECORD_KINDS)), "word": r"\w+", "key": r"\d+"}
+    parts = re.split(r"\{(\w+)\}", template)  # text, placeholder, text, ...
+    return re.compile("".join(re.escape(x) if i % 2 == 0 else f"(?P={x})" if x in parts[1:i:2]
+                              else f"(?P<{x}>{fields[x]})" for i, x in enumerate(parts)))
+
+
+RECORD = [tuple(map(template_regex, (r, q, f"{q} {a}"))) for r, q, a in T.RECORD_FORMS]  # record, question, both
 
 
 def record_prompt(text):
-    """(records [(kind, word, key)], haystack between the instruction and the question, (kind, word, answer)) of
-    one record prompt's text after its instruction."""
-    body, question = text.split("\nWhat is the ", 1)
-    asked = re.match(r"(.+?) for (\w+)\? The \1 for \2 is (\d+)\.", question)
-    return RECORD.findall(body), RECORD.sub("", body), asked.groups()
+    """(records [(kind, word, key)], haystack between the instruction and the question, (kind, word, answer), form)
+    of one record prompt's text after its instruction, in whichever of RECORD_FORMS its question and answer are."""
+    _, body, asked = text.split("\n", 3)[:3]  # then filler, if any
+    form, m = next((f, m) for f, (_, _, qa) in enumerate(RECORD) if (m := qa.fullmatch(asked)))
+    record = RECORD[form][0]
+    return ([r.group("kind", "word", "key") for r in record.finditer(body)], record.sub("", body),
+            m.group("kind", "word", "key"), form)
 
 
-def test_record_sequences():
+@pytest.mark.parametrize("forms", [1, len(T.RECORD_FORMS)])
+def test_record_sequences(forms):
     """--record-frac: a record prompt is one to three numbers filed under distinct words (one kind, none of the
     S-NIAH words or wording), each said once, in filler or in the training text's sentences, then a question about
-    one of them answered with its own key; records and passkeys mix by the fraction; a function of (seed, s)."""
+    one of them answered with its own key; records and passkeys mix by the fraction; a function of (seed, s).
+    --record-forms: each prompt in one of the first that many wordings, all of them drawn, never two in a prompt."""
     tok = ByteTokenizer()
     tokens = np.frombuffer(TEXT.encode(), dtype=np.uint8).astype(np.int64)
-    data = T.Data(tokens, 3000, tok, seed=4, passkey_frac=1.0, passkey_min_len=400, record_frac=1.0)
-    again = T.Data(tokens, 3000, tok, seed=4, passkey_frac=1.0, passkey_min_len=400, record_frac=1.0)
-    counts, digits, hays = set(), set(), set()
+    # pieces of 450 tokens and up: room for the longest wording's 407
+    kw = dict(seed=4, passkey_frac=1.0, passkey_min_len=450, record_frac=1.0, record_forms=forms)
+    data, again = T.Data(tokens, 3000, tok, **kw), T.Data(tokens, 3000, tok, **kw)
+    counts, digits, hays, seen = set(), set(), set(), set()
     for s in range(30):
         x = data.sample(s)
         assert len(x) == 3001 and np.array_equal(x, data.sample(s)) and np.array_equal(x, again.sample(s))
         text = tok.decode(x)
-        assert "special magic" not in text and L.PASSKEY_INSTR not in text
+        assert L.PASSKEY_INSTR not in text
+        assert not any(w in text for w in ("special magic", "mentioned in the provided text", "One of the"))  # S-NIAH's
         pieces = text.split(T.RECORD_INSTR)
-        assert pieces[0] == "" and all(len(T.RECORD_INSTR + p) >= 400 for p in pieces[1:])
+        assert pieces[0] == "" and all(len(T.RECORD_INSTR + p) >= 450 for p in pieces[1:])
         for p in pieces[1:]:
-            records, hay, (kind, word, answer) = record_prompt(p)
+            records, hay, (kind, word, answer), form = record_prompt(p)
+            assert not any(r.search(p) for f, rs in enumerate(RECORD) if f != form for r in rs)  # no other wording
+            seen.add(form)
             kinds, words, keys = zip(*records)
             assert set(kinds) == {kind} and len(set(words)) == len(words)  # one kind, distinct words
             assert set(words) <= set(T.RECORD_WORDS) and not set(words) & set(S.WORDS)  # S-NIAH's words held out
             assert answer == dict(zip(words, keys))[word]  # the asked word's own key
-            before = re.findall(r"\d+", p.split("\nWhat is the ")[0])
+            before = re.findall(r"\d+", p.split("\n")[1])  # the haystack's line, before the question
             assert all(before.count(k) == 1 for k in keys)  # each record said once
             counts.add(len(records))
             digits |= {len(k) for k in keys}
@@ -2065,16 +2089,16 @@ def test_record_sequences():
             assert not (has_filler and has_text)  # one haystack per prompt
             assert all(line in TEXT for line in re.findall(r"Line \d+: [^.]*\.", hay))  # the training text's sentences
             hays |= {h for h, has in (("filler", has_filler), ("text", has_text)) if has}
-    assert counts == {1, 2, 3} and hays == {"filler", "text"}
+    assert counts == {1, 2, 3} and hays == {"filler", "text"} and seen == set(range(forms))
     assert min(digits) == 4 and max(digits) == 10 and digits <= set(range(4, 11))
     # mixed with passkeys, one prompt per sequence: both templates, each record prompt answered with its own key
-    data = T.Data(tokens, 600, tok, seed=4, passkey_frac=1.0, record_frac=0.5)
+    data = T.Data(tokens, 600, tok, seed=4, passkey_frac=1.0, record_frac=0.5, record_forms=forms)
     starts = []
     for s in range(30):
         text = tok.decode(data.sample(s))
         starts.append(next(i for i in (L.PASSKEY_INSTR, T.RECORD_INSTR) if text.startswith(i)))
         if starts[-1] == T.RECORD_INSTR:
-            records, _, (kind, word, answer) = record_prompt(text[len(T.RECORD_INSTR):])
+            records, _, (kind, word, answer), _ = record_prompt(text[len(T.RECORD_INSTR):])
             assert (kind, word, answer) in records
     assert 5 <= starts.count(T.RECORD_INSTR) <= 25
     # record_frac 0 draws nothing more: a passkey sample is passkey_sequence after the sample's mix draw, as before
@@ -2083,6 +2107,25 @@ def test_record_sequences():
         rng = np.random.default_rng([4, s])
         rng.random()
         assert np.array_equal(data.sample(s), T.passkey_sequence(tok, 601, rng))
+
+
+def test_record_forms_change_only_the_wording():
+    """--record-forms k: a sample is the --record-forms 1 sample of the same (seed, s) in other words, since the
+    form is drawn last: the same records in the same order, the same question and answer, the same haystack."""
+    tok = ByteTokenizer()
+    tokens = np.frombuffer(TEXT.encode(), dtype=np.uint8).astype(np.int64)
+    one = T.Data(tokens, 600, tok, seed=4, passkey_frac=1.0, record_frac=1.0)  # one prompt per sequence
+    prompt = lambda data, s: record_prompt(tok.decode(data.sample(s))[len(T.RECORD_INSTR):])  # noqa: E731
+    hay_kind = lambda h: (L.PASSKEY_FILLER in h, bool(re.search(r"jumps over the lazy dog \d\.", h)))  # noqa: E731
+    for k in range(2, len(T.RECORD_FORMS) + 1):
+        data = T.Data(tokens, 600, tok, seed=4, passkey_frac=1.0, record_frac=1.0, record_forms=k)
+        seen, hays = set(), set()
+        for s in range(30):
+            (records, hay, asked, form), (records1, hay1, asked1, form1) = prompt(data, s), prompt(one, s)
+            assert (records, asked, hay_kind(hay)) == (records1, asked1, hay_kind(hay1)) and form1 == 0
+            seen.add(form)
+            hays.add(hay_kind(hay))
+        assert seen == set(range(k)) and hays == {(True, False), (False, True)}  # all k wordings, both haystacks
 
 
 def test_record_prose_drops_markers_and_cuts_long_sentences():
@@ -2098,7 +2141,7 @@ def test_record_prose_drops_markers_and_cuts_long_sentences():
     hays = []
     for s in range(20):
         text = tok.decode(data.sample(s))
-        records, hay, _ = record_prompt(text[len(T.RECORD_INSTR):])
+        records, hay, _, _ = record_prompt(text[len(T.RECORD_INSTR):])
         if L.PASSKEY_FILLER not in hay:
             assert "<eos>" not in text
             hays.append(len(re.findall(r"word\d+", hay)))
@@ -2107,12 +2150,12 @@ def test_record_prose_drops_markers_and_cuts_long_sentences():
 
 def test_record_prompt_length_is_checked_at_construction():
     """Data refuses a length that holds the longest passkey prompt but not the longest record prompt, naming the
-    flag that sets the length, and only when there are records."""
+    flag that sets the length, and only when there are records; with --record-forms, in the longest wording."""
     tokens = np.frombuffer(TEXT.encode(), dtype=np.uint8).astype(np.int64)
 
-    def fits(n):
+    def fits(n, forms=1):
         try:
-            T.record_sequence(ByteTokenizer(), n, np.random.default_rng(0), longest=True)
+            T.record_sequence(ByteTokenizer(), n, np.random.default_rng(0), longest=True, forms=forms)
             return True
         except L.UserError:
             return False
@@ -2120,7 +2163,7 @@ def test_record_prompt_length_is_checked_at_construction():
     assert n > shortest_fit(99999999) + 1  # n - 1 holds any passkey prompt: the record check is what fires
     # the longest prompt written out: the longest kind, three records of the longest words (two of 7 letters, one of
     # 6) with 10-digit keys, asked about a 7-letter word; whatever the seed, the check asks for exactly its bytes
-    records = " ".join(f"The reference number for {w} is 9999999999." for w in ("blanket", "feather", "window"))
+    records = " ".join(f"The reference number for {w} is 9999999999." for w in ("pebble", "blanket", "feather"))
     longest = f"{T.RECORD_INSTR}\n{records}\nWhat is the reference number for feather? The reference number for feather is 9999999999."
     assert n == len(longest.encode())
     for seed in range(30):
@@ -2135,6 +2178,17 @@ def test_record_prompt_length_is_checked_at_construction():
         T.Data(tokens, 3000, ByteTokenizer(), seed=1, passkey_frac=0.1, passkey_min_len=n - 1, record_frac=0.1)
     T.Data(tokens, 3000, ByteTokenizer(), seed=1, passkey_frac=0.1, passkey_min_len=n - 1)
     T.Data(tokens, 3000, ByteTokenizer(), seed=1, passkey_frac=0.1, passkey_min_len=n, record_frac=0.1)
+    # all six forms: the longest is the fifth's, written out the same way (its records the longest of the six)
+    records = " ".join(f"Keep in mind that {w} goes with the reference number 9999999999."
+                       for w in ("pebble", "blanket", "feather"))
+    longest = (f"{T.RECORD_INSTR}\n{records}\nWhich reference number goes with feather? "
+               "The reference number that goes with feather is 9999999999.")
+    m = next(m for m in range(n, 1000) if fits(m, 6))
+    assert m == len(longest.encode()) > n
+    with pytest.raises(L.UserError, match=msg.format("--seq-len", m - 1)):
+        T.Data(tokens, m - 2, ByteTokenizer(), seed=1, passkey_frac=0.1, record_frac=0.1, record_forms=6)
+    T.Data(tokens, m - 2, ByteTokenizer(), seed=1, passkey_frac=0.1, record_frac=0.1)  # one form: fits
+
 
 def error(capsys, argv):
     with pytest.raises(SystemExit) as e:

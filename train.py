@@ -50,6 +50,19 @@ RECORD_WORDS = ("tiger window copper island pencil forest rocket candle mirror g
                 "shadow spider statue summer tunnel turtle wallet wizard zebra barrel beacon blanket bridge button "
                 "cherry cotton desert engine feather garlic helmet jungle lemon mango nickel onion paddle pebble").split()
 RECORD_DIGITS = (4, 10)  # S-NIAH's keys have 7
+# --record-forms: wordings of (record, question, answer); the first is --record-forms 1's. In all but the first the
+# answer words the record differently, as S-NIAH's answer does its needle: retrieval by the word, not by copying a line
+RECORD_FORMS = (
+    ("The {kind} for {word} is {key}.", "What is the {kind} for {word}?", "The {kind} for {word} is {key}."),
+    ("Under {word}, the {kind} reads: {key}.", "Which {kind} is listed under {word}?", "The {kind} listed under {word} is {key}."),
+    ("Note that {word} was given the {kind} {key}.", "What {kind} was {word} given?", "The {kind} given to {word} is {key}."),
+    ("Remember: the {kind} of {word} is {key}.", "Recall the {kind} of {word} from the text.",
+     "The {kind} of {word} in the text is {key}."),
+    ("Keep in mind that {word} goes with the {kind} {key}.", "Which {kind} goes with {word}?",
+     "The {kind} that goes with {word} is {key}."),
+    ("Entry for {word}: {kind} {key}.", "Look up the entry for {word}: which {kind} does it give?",
+     "The entry for {word} gives the {kind} {key}."),
+)
 
 
 def default_sources():
@@ -162,7 +175,7 @@ class Data:
     over the whole run, all ranks) is a deterministic function of (seed, s): resume needs no loader state."""
 
     def __init__(self, tokens, seq_len, tok, seed=0, passkey_frac=0.0, passkey_min_len=0, record_frac=0.0,
-                 val_every=50):
+                 record_forms=1, val_every=50):
         n = (len(tokens) - 1) // seq_len
         if n < 1:
             raise L.UserError(f"the data has {len(tokens):,} tokens, fewer than one training sequence "
@@ -172,6 +185,7 @@ class Data:
         self.train = np.setdiff1d(idx, self.val)
         self.tokens, self.seq_len, self.tok, self.seed = tokens, seq_len, tok, seed
         self.passkey_frac, self.passkey_min_len, self.record_frac = passkey_frac, passkey_min_len, record_frac
+        self.record_forms = record_forms
         self._perm = (None, None)
         # a sequence too short for the longest passkey prompt fails here, not at a random later step (the longest:
         # 99999999 is as many tokens as any key in tokenizers that split numbers into digits or groups of 3, as Llama 3's)
@@ -179,7 +193,7 @@ class Data:
             n, flag = (passkey_min_len, "--passkey-min-len") if passkey_min_len else (seq_len + 1, "--seq-len")
             passkey_sequence(tok, n, np.random.default_rng(seed), key=10 ** PASSKEY_DIGITS[1] - 1, flag=flag)
             if record_frac:
-                record_sequence(tok, n, np.random.default_rng(seed), longest=True, flag=flag)
+                record_sequence(tok, n, np.random.default_rng(seed), longest=True, forms=record_forms, flag=flag)
 
     def sequence(self, i):
         return np.asarray(self.tokens[i * self.seq_len: (i + 1) * self.seq_len + 1], dtype=np.int64)
@@ -213,7 +227,7 @@ class Data:
             ids = ids[~np.isin(ids, [i for i in (self.tok.bos_id, self.tok.eos_id) if i is not None])]
             sentences = re.split(r"(?<=[.!?])\s+", " ".join(self.tok.decode(ids.tolist()).split()))
             prose = [" ".join(w[i:i + 50]) for t in sentences if (w := t.split()) for i in range(0, len(w), 50)] or None
-        return record_sequence(self.tok, n, rng, prose)
+        return record_sequence(self.tok, n, rng, prose, forms=self.record_forms)
 
     def batch(self, first, count, device):  # pinned: a copy from pageable memory would wait for the GPU
         x = torch.from_numpy(np.stack([self.sample(s) for s in range(first, first + count)]))
@@ -237,12 +251,14 @@ def passkey_sequence(tok, n, rng, key=None, flag="--seq-len"):
     return fill_sequence(tok, render, n, flag, "a passkey prompt")
 
 
-def record_sequence(tok, n, rng, prose=None, longest=False, flag="--seq-len"):
+def record_sequence(tok, n, rng, prose=None, longest=False, forms=1, flag="--seq-len"):
     """n tokens: one to three records ("The access code for tiger is 4417093.", each said once) at random depths
     in repeated filler or in `prose` (sentences), a question about one of them and its answer, then filler. Like
     S-NIAH's needle and unlike the passkey (said twice), a record is a number filed under a word and said once;
-    S-NIAH's words and exact wording are not among these, so they stay held out. `longest`: the longest such
-    prompt (the longest kind, words and keys, asked about the longest word), for Data's length check."""
+    S-NIAH's words and exact wording are not among these, so they stay held out. The wording is one of the first
+    `forms` RECORD_FORMS, drawn last, so that the rest of the prompt is the one that forms=1 draws. `longest`: the
+    longest such prompt (the longest kind, words and keys, asked about the longest word, in the longest of the
+    forms), for Data's length check."""
     if longest:
         size = lambda w: len(tok.encode(f" {w}", bos=False))  # noqa: E731
         kind, words = max(RECORD_KINDS, key=size), sorted(RECORD_WORDS, key=size)[-3:]
@@ -254,14 +270,19 @@ def record_sequence(tok, n, rng, prose=None, longest=False, flag="--seq-len"):
     ask = len(words) - 1 if longest else int(rng.integers(len(words)))  # longest: asked about the longest word
     u, hay = rng.random(len(words)), prose or [L.PASSKEY_FILLER]
 
-    def render(k):  # k haystack units, each record after min(floor(u (k + 1)), k) of them
+    def render(k, form):  # k haystack units, each record after min(floor(u (k + 1)), k) of them
+        record, question, answer = RECORD_FORMS[form]
         units = [hay[j % len(hay)] for j in range(k)]
-        for slot, record in sorted(((min(int(x * (k + 1)), k), f"The {kind} for {w} is {key}.")
-                                    for x, w, key in zip(u, words, keys)), reverse=True):
-            units.insert(slot, record)
-        return (f"{RECORD_INSTR}\n{' '.join(units)}\nWhat is the {kind} for {words[ask]}? "
-                f"The {kind} for {words[ask]} is {keys[ask]}.")
-    return fill_sequence(tok, render, n, flag, "a record prompt")
+        for slot, line in sorted(((min(int(x * (k + 1)), k), record.format(kind=kind, word=w, key=key))
+                                  for x, w, key in zip(u, words, keys)), reverse=True):
+            units.insert(slot, line)
+        return (f"{RECORD_INSTR}\n{' '.join(units)}\n{question.format(kind=kind, word=words[ask])} "
+                + answer.format(kind=kind, word=words[ask], key=keys[ask]))
+    if longest:
+        form = max(range(forms), key=lambda f: len(tok.encode(render(0, f))))
+    else:
+        form = int(rng.integers(forms)) if forms > 1 else 0  # forms=1 draws nothing: its samples are as before
+    return fill_sequence(tok, lambda k: render(k, form), n, flag, "a record prompt")
 
 
 def fill_sequence(tok, render, n, flag, what):
@@ -426,7 +447,8 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
         start, total = ckpt["step"], ckpt["total"]
         torch.set_rng_state(ckpt["rng"])
         old = {**vars(get_args([])), **ckpt["args"]}  # a flag newer than the checkpoint: its default then
-        changed = [k for k in ("seq_len", "batch_size", "seed", "passkey_frac", "passkey_min_len", "record_frac", "data",
+        changed = [k for k in ("seq_len", "batch_size", "seed", "passkey_frac", "passkey_min_len", "record_frac",
+                               "record_forms", "data",
                                "loss", f"lr{stage}", "warmup")
                    + (("window",) if stage == 2 else ()) if old.get(k) != getattr(args, k)]
         log(f"stage {stage}: resuming at step {start}/{total} from {path}"
@@ -597,9 +619,15 @@ def check_args(args):
     if args.passkey_min_len and not 0 < 2 * args.passkey_min_len <= args.seq_len:
         raise L.UserError(f"--passkey-min-len {args.passkey_min_len}: must be 0 (one prompt per passkey sequence) or "
                           f"positive and at most half of --seq-len {args.seq_len} (room for two prompts)")
+    if not 1 <= args.record_forms <= len(RECORD_FORMS):
+        raise L.UserError(f"--record-forms {args.record_forms}: must be between 1 and {len(RECORD_FORMS)} (the wordings "
+                          f"there are)")
     for k, does in (("passkey_min_len", "packs passkey sequences"), ("record_frac", "writes some passkey prompts as records")):
         if getattr(args, k) and not args.passkey_frac:
             raise L.UserError(f"{name(k)} {getattr(args, k)}: {does}, and --passkey-frac 0 has none; drop one of them")
+    if args.record_forms > 1 and not args.record_frac:
+        raise L.UserError(f"--record-forms {args.record_forms}: words the records in several ways, and --record-frac 0 "
+                          "has none; drop one of them")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise L.UserError(f"--out {args.out}: is a file, not a directory; pass a directory for the checkpoints")
 
@@ -642,11 +670,13 @@ def train(args, model=None, tokenizer=None, on_step=None):
     tokens = load_tokens(sources, tokenizer, args.cache_dir, log)
     if world > 1 and rank == 0:
         dist.barrier()
-    data = Data(tokens, args.seq_len, tokenizer, args.seed, args.passkey_frac, args.passkey_min_len, args.record_frac)
+    data = Data(tokens, args.seq_len, tokenizer, args.seed, args.passkey_frac, args.passkey_min_len, args.record_frac,
+                args.record_forms)
     log(f"data: {len(tokens):,} tokens, {len(data.train):,} training and {len(data.val)} validation sequences of "
         f"{args.seq_len}, passkey fraction {args.passkey_frac}"
         + (f", prompts of {args.passkey_min_len} tokens and up packed in each" if args.passkey_min_len else "")
-        + (f", {args.record_frac:.0%} of the prompts records" if args.record_frac else ""))
+        + (f", {args.record_frac:.0%} of the prompts records" if args.record_frac else "")
+        + (f" in {args.record_forms} wordings" if args.record_forms > 1 else ""))
 
     fingerprint = L.teacher_fingerprint(model)
     torch.manual_seed(args.seed)
@@ -725,6 +755,10 @@ def get_args(argv=None):
       help="fraction of the passkey prompts written instead as records: numbers filed under words, said once, among "
            "distractor records, in filler or in training text (a second template; S-NIAH's words and exact wording "
            "stay held out)")
+    a("--record-forms", type=int, default=1,
+      help=f"draw each record prompt's wording from the first N of {len(RECORD_FORMS)} (train.py's RECORD_FORMS; all but "
+           "the first answer in other words than the record's, as S-NIAH does; default 1: 'The {kind} for {word} is "
+           "{key}.' only)")
     a("--seed", type=int, default=0, help="seed for the new weights and the data order")
     a("--log-every", type=int, help="steps between progress lines (default: 10 on GPU, 4 on CPU)")
     a("--eval-every", type=int, help="steps between validation losses (default: 250 on GPU, 16 on CPU)")
