@@ -234,6 +234,12 @@ class Data:
         return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
 
 
+def needle_slot(u, k):
+    """Where a needle drawn as u ~ U[0, 1) goes among k haystack units: after min(floor(u (k + 1)), k) of them, so
+    that each of the k + 1 slots is equally likely whatever k the prompt's length allows."""
+    return min(int(u * (k + 1)), k)
+
+
 def passkey_sequence(tok, n, rng, key=None, flag="--seq-len"):
     """n tokens: the passkey prompt that sample.py evaluates with (L.passkey_prompt), the needle at a random
     depth, then the answer and filler to the end: the synthetic retrieval data of the official passkey data mix.
@@ -246,8 +252,7 @@ def passkey_sequence(tok, n, rng, key=None, flag="--seq-len"):
         digits = int(rng.integers(PASSKEY_DIGITS[0], PASSKEY_DIGITS[1] + 1))
         key = int(rng.integers(10 ** (digits - 1), 10 ** digits))
     u = rng.random()
-    slot = lambda k: min(int(u * (k + 1)), k) / max(k, 1)  # noqa: E731  the needle: each of k + 1 slots equally likely
-    render = lambda k: L.passkey_prompt(k, slot(k), key) + f" {key}."  # noqa: E731
+    render = lambda k: L.passkey_prompt(k, needle_slot(u, k) / max(k, 1), key) + f" {key}."  # noqa: E731
     return fill_sequence(tok, render, n, flag, "a passkey prompt")
 
 
@@ -270,10 +275,10 @@ def record_sequence(tok, n, rng, prose=None, longest=False, forms=1, flag="--seq
     ask = len(words) - 1 if longest else int(rng.integers(len(words)))  # longest: asked about the longest word
     u, hay = rng.random(len(words)), prose or [L.PASSKEY_FILLER]
 
-    def render(k, form):  # k haystack units, each record after min(floor(u (k + 1)), k) of them
+    def render(k, form):  # k haystack units, the records among them
         record, question, answer = RECORD_FORMS[form]
         units = [hay[j % len(hay)] for j in range(k)]
-        for slot, line in sorted(((min(int(x * (k + 1)), k), record.format(kind=kind, word=w, key=key))
+        for slot, line in sorted(((needle_slot(x, k), record.format(kind=kind, word=w, key=key))
                                   for x, w, key in zip(u, words, keys)), reverse=True):
             units.insert(slot, line)
         return (f"{RECORD_INSTR}\n{' '.join(units)}\n{question.format(kind=kind, word=words[ask])} "
