@@ -2111,20 +2111,29 @@ def test_record_sequences(forms):
 
 def test_record_forms_change_only_the_wording():
     """--record-forms k: a sample is the --record-forms 1 sample of the same (seed, s) in other words, since the
-    form is drawn last: the same records in the same order, the same question and answer, the same haystack."""
+    form is drawn last: the same records at the same depths (a slot apart at most, as the wording's length moves the
+    number of haystack units by one; so not always in the same order), the same question and answer, the same kind
+    of haystack."""
     tok = ByteTokenizer()
     tokens = np.frombuffer(TEXT.encode(), dtype=np.uint8).astype(np.int64)
-    one = T.Data(tokens, 600, tok, seed=4, passkey_frac=1.0, record_frac=1.0)  # one prompt per sequence
-    prompt = lambda data, s: record_prompt(tok.decode(data.sample(s))[len(T.RECORD_INSTR):])  # noqa: E731
+    one = T.Data(tokens, 3000, tok, seed=4, passkey_frac=1.0, record_frac=1.0)  # one prompt per sequence
     hay_kind = lambda h: (L.PASSKEY_FILLER in h, bool(re.search(r"jumps over the lazy dog \d\.", h)))  # noqa: E731
+
+    def prompt(data, s):  # record_prompt's, and each key's filler units before it (None in a text haystack)
+        text = tok.decode(data.sample(s))[len(T.RECORD_INSTR):]
+        records, hay, asked, form = record_prompt(text)
+        body = text.split("\n")[1]
+        slots = {k: body[:re.search(rf"\b{k}\b", body).start()].count(L.PASSKEY_FILLER) for _, _, k in records}
+        return sorted(records), asked, hay_kind(hay), form, slots if L.PASSKEY_FILLER in hay else None
     for k in range(2, len(T.RECORD_FORMS) + 1):
-        data = T.Data(tokens, 600, tok, seed=4, passkey_frac=1.0, record_frac=1.0, record_forms=k)
+        data = T.Data(tokens, 3000, tok, seed=4, passkey_frac=1.0, record_frac=1.0, record_forms=k)
         seen, hays = set(), set()
         for s in range(30):
-            (records, hay, asked, form), (records1, hay1, asked1, form1) = prompt(data, s), prompt(one, s)
-            assert (records, asked, hay_kind(hay)) == (records1, asked1, hay_kind(hay1)) and form1 == 0
+            (*same, form, slots), (*same1, form1, slots1) = prompt(data, s), prompt(one, s)
+            assert same == same1 and form1 == 0
+            assert slots is None or all(abs(slots[key] - slots1[key]) <= 1 for key in slots)
             seen.add(form)
-            hays.add(hay_kind(hay))
+            hays.add(same[2])
         assert seen == set(range(k)) and hays == {(True, False), (False, True)}  # all k wordings, both haystacks
 
 
@@ -2163,9 +2172,10 @@ def test_record_prompt_length_is_checked_at_construction():
     assert n > shortest_fit(99999999) + 1  # n - 1 holds any passkey prompt: the record check is what fires
     # the longest prompt written out: the longest kind, three records of the longest words (two of 7 letters, one of
     # 6) with 10-digit keys, asked about a 7-letter word; whatever the seed, the check asks for exactly its bytes
-    records = " ".join(f"The reference number for {w} is 9999999999." for w in ("pebble", "blanket", "feather"))
+    records = " ".join(f"The reference number for {w} is 9999999999." for w in ("blanket", "feather", "pebble"))
     longest = f"{T.RECORD_INSTR}\n{records}\nWhat is the reference number for feather? The reference number for feather is 9999999999."
     assert n == len(longest.encode())
+    assert ByteTokenizer().decode(T.record_sequence(ByteTokenizer(), n, np.random.default_rng(0), longest=True)) == longest
     for seed in range(30):
         with pytest.raises(L.UserError, match="a record prompt needs at least"):
             T.Data(tokens, n - 2, ByteTokenizer(), seed=seed, passkey_frac=0.1, record_frac=0.1)
@@ -2180,11 +2190,14 @@ def test_record_prompt_length_is_checked_at_construction():
     T.Data(tokens, 3000, ByteTokenizer(), seed=1, passkey_frac=0.1, passkey_min_len=n, record_frac=0.1)
     # all six forms: the longest is the fifth's, written out the same way (its records the longest of the six)
     records = " ".join(f"Keep in mind that {w} goes with the reference number 9999999999."
-                       for w in ("pebble", "blanket", "feather"))
+                       for w in ("blanket", "feather", "pebble"))
     longest = (f"{T.RECORD_INSTR}\n{records}\nWhich reference number goes with feather? "
                "The reference number that goes with feather is 9999999999.")
+    assert fits(369, 2) and not fits(368, 2)  # two forms: the second's 369 bytes, not the first's 333
     m = next(m for m in range(n, 1000) if fits(m, 6))
     assert m == len(longest.encode()) > n
+    assert ByteTokenizer().decode(T.record_sequence(ByteTokenizer(), m, np.random.default_rng(0), longest=True,
+                                                    forms=6)) == longest
     with pytest.raises(L.UserError, match=msg.format("--seq-len", m - 1)):
         T.Data(tokens, m - 2, ByteTokenizer(), seed=1, passkey_frac=0.1, record_frac=0.1, record_forms=6)
     T.Data(tokens, m - 2, ByteTokenizer(), seed=1, passkey_frac=0.1, record_frac=0.1)  # one form: fits

@@ -50,12 +50,14 @@ RECORD_WORDS = ("tiger window copper island pencil forest rocket candle mirror g
                 "shadow spider statue summer tunnel turtle wallet wizard zebra barrel beacon blanket bridge button "
                 "cherry cotton desert engine feather garlic helmet jungle lemon mango nickel onion paddle pebble").split()
 RECORD_DIGITS = (4, 10)  # S-NIAH's keys have 7
-# --record-forms: wordings of (record, question, answer); the first is --record-forms 1's. In all but the first the
+# --record-forms: wordings of (record, question, answer); the first is --record-forms 1's. In all but the first, the
 # answer words the record differently, as S-NIAH's answer does its needle: retrieval by the word, not by copying a line
 RECORD_FORMS = (
     ("The {kind} for {word} is {key}.", "What is the {kind} for {word}?", "The {kind} for {word} is {key}."),
-    ("Under {word}, the {kind} reads: {key}.", "Which {kind} is listed under {word}?", "The {kind} listed under {word} is {key}."),
-    ("Note that {word} was given the {kind} {key}.", "What {kind} was {word} given?", "The {kind} given to {word} is {key}."),
+    ("Under {word}, the {kind} reads: {key}.", "Which {kind} is listed under {word}?",
+     "The {kind} listed under {word} is {key}."),
+    ("Note that {word} was given the {kind} {key}.", "What {kind} was {word} given?",
+     "The {kind} given to {word} is {key}."),
     ("Remember: the {kind} of {word} is {key}.", "Recall the {kind} of {word} from the text.",
      "The {kind} of {word} in the text is {key}."),
     ("Keep in mind that {word} goes with the {kind} {key}.", "Which {kind} goes with {word}?",
@@ -261,7 +263,8 @@ def record_sequence(tok, n, rng, prose=None, longest=False, forms=1, flag="--seq
     in repeated filler or in `prose` (sentences), a question about one of them and its answer, then filler. Like
     S-NIAH's needle and unlike the passkey (said twice), a record is a number filed under a word and said once;
     S-NIAH's words and exact wording are not among these, so they stay held out. The wording is one of the first
-    `forms` RECORD_FORMS, drawn last, so that the rest of the prompt is the one that forms=1 draws. `longest`: the
+    `forms` RECORD_FORMS, drawn last: the prompt's records, question and haystack are the ones forms=1 draws (their
+    positions follow the wording's length; in a packed sequence the later prompts differ). `longest`: the
     longest such prompt (the longest kind, words and keys, asked about the longest word, in the longest of the
     forms), for Data's length check."""
     if longest:
@@ -453,8 +456,7 @@ def run_stage(stage, model, data, args, ctx, ckpt=None, on_step=None):
         torch.set_rng_state(ckpt["rng"])
         old = {**vars(get_args([])), **ckpt["args"]}  # a flag newer than the checkpoint: its default then
         changed = [k for k in ("seq_len", "batch_size", "seed", "passkey_frac", "passkey_min_len", "record_frac",
-                               "record_forms", "data",
-                               "loss", f"lr{stage}", "warmup")
+                               "record_forms", "data", "loss", f"lr{stage}", "warmup")
                    + (("window",) if stage == 2 else ()) if old.get(k) != getattr(args, k)]
         log(f"stage {stage}: resuming at step {start}/{total} from {path}"
             + (f" (note: {', '.join(changed)} changed since: not bit-for-bit)" if changed else ""))
@@ -627,12 +629,11 @@ def check_args(args):
     if not 1 <= args.record_forms <= len(RECORD_FORMS):
         raise L.UserError(f"--record-forms {args.record_forms}: must be between 1 and {len(RECORD_FORMS)} (the wordings "
                           f"there are)")
-    for k, does in (("passkey_min_len", "packs passkey sequences"), ("record_frac", "writes some passkey prompts as records")):
-        if getattr(args, k) and not args.passkey_frac:
-            raise L.UserError(f"{name(k)} {getattr(args, k)}: {does}, and --passkey-frac 0 has none; drop one of them")
-    if args.record_forms > 1 and not args.record_frac:
-        raise L.UserError(f"--record-forms {args.record_forms}: words the records in several ways, and --record-frac 0 "
-                          "has none; drop one of them")
+    for k, default, does, needs in (("passkey_min_len", 0, "packs passkey sequences", "passkey_frac"),
+                                    ("record_frac", 0, "writes some passkey prompts as records", "passkey_frac"),
+                                    ("record_forms", 1, "words the records in several ways", "record_frac")):
+        if getattr(args, k) != default and not getattr(args, needs):
+            raise L.UserError(f"{name(k)} {getattr(args, k)}: {does}, and {name(needs)} 0 has none; drop one of them")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise L.UserError(f"--out {args.out}: is a file, not a directory; pass a directory for the checkpoints")
 
@@ -760,10 +761,10 @@ def get_args(argv=None):
       help="fraction of the passkey prompts written instead as records: numbers filed under words, said once, among "
            "distractor records, in filler or in training text (a second template; S-NIAH's words and exact wording "
            "stay held out)")
-    a("--record-forms", type=int, default=1,
-      help=f"draw each record prompt's wording from the first N of {len(RECORD_FORMS)} (train.py's RECORD_FORMS; all but "
-           "the first answer in other words than the record's, as S-NIAH does; default 1: 'The {kind} for {word} is "
-           "{key}.' only)")
+    a("--record-forms", type=int, default=1, metavar="N",
+      help=f"draw each record prompt's wording from the first N of {len(RECORD_FORMS)} (train.py's RECORD_FORMS; in "
+           "all but the first, the answer words the record differently, as S-NIAH's does; default 1: 'The {kind} for "
+           "{word} is {key}.' only)")
     a("--seed", type=int, default=0, help="seed for the new weights and the data order")
     a("--log-every", type=int, help="steps between progress lines (default: 10 on GPU, 4 on CPU)")
     a("--eval-every", type=int, help="steps between validation losses (default: 250 on GPU, 16 on CPU)")
