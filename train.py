@@ -628,7 +628,7 @@ def check_args(args):
                           f"positive and at most half of --seq-len {args.seq_len} (room for two prompts)")
     if not 1 <= args.record_forms <= len(RECORD_FORMS):
         raise L.UserError(f"--record-forms {args.record_forms}: must be between 1 and {len(RECORD_FORMS)} (the wordings "
-                          f"there are)")
+                          "there are)")
     for k, default, does, needs in (("passkey_min_len", 0, "packs passkey sequences", "passkey_frac"),
                                     ("record_frac", 0, "writes some passkey prompts as records", "passkey_frac"),
                                     ("record_forms", 1, "words the records in several ways", "record_frac")):
