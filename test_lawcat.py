@@ -2043,6 +2043,11 @@ def template_regex(template):
 RECORD = [tuple(map(template_regex, (r, q, f"{q} {a}"))) for r, q, a in T.RECORD_FORMS]  # record, question, both
 
 
+def hay_kind(hay):
+    """(filler in it, the training text's sentences in it) of a record prompt's haystack."""
+    return L.PASSKEY_FILLER in hay, bool(re.search(r"jumps over the lazy dog \d\.", hay))
+
+
 def record_prompt(text):
     """(records [(kind, word, key)], haystack between the instruction and the question, (kind, word, answer), form)
     of one record prompt's text after its instruction, in whichever of RECORD_FORMS its question and answer are."""
@@ -2085,7 +2090,7 @@ def test_record_sequences(forms):
             assert all(before.count(k) == 1 for k in keys)  # each record said once
             counts.add(len(records))
             digits |= {len(k) for k in keys}
-            has_filler, has_text = L.PASSKEY_FILLER in hay, bool(re.search(r"jumps over the lazy dog \d\.", hay))
+            has_filler, has_text = hay_kind(hay)
             assert not (has_filler and has_text)  # one haystack per prompt
             assert all(line in TEXT for line in re.findall(r"Line \d+: [^.]*\.", hay))  # the training text's sentences
             hays |= {h for h, has in (("filler", has_filler), ("text", has_text)) if has}
@@ -2117,7 +2122,6 @@ def test_record_forms_change_only_the_wording():
     tok = ByteTokenizer()
     tokens = np.frombuffer(TEXT.encode(), dtype=np.uint8).astype(np.int64)
     one = T.Data(tokens, 3000, tok, seed=4, passkey_frac=1.0, record_frac=1.0)  # one prompt per sequence
-    hay_kind = lambda h: (L.PASSKEY_FILLER in h, bool(re.search(r"jumps over the lazy dog \d\.", h)))  # noqa: E731
 
     def prompt(data, s):  # record_prompt's, and each key's filler units before it (None in a text haystack)
         text = tok.decode(data.sample(s))[len(T.RECORD_INSTR):]
